@@ -1,0 +1,153 @@
+"""The `sam-cls` command: parse options, call the library, print. No logic lives here."""
+
+import functools
+import json
+import sys
+
+import click
+
+from sam_cls.config import make_config
+
+
+def log(message: str) -> None:
+    """Progress and logs go to stderr, so stdout stays one clean result (a JSON line with --json)."""
+    click.echo(message, err=True)
+
+
+def report(result: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo("  ".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def friendly_errors(fn):
+    """Known bad input ends in one line naming the value and the fix, and exit status 2; bugs still trace."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from sam_cls.checkpoint import CheckpointError
+        from sam_cls.config import ConfigError
+        from sam_cls.data import DatasetError
+        from sam_cls.index import IndexMismatchError
+        from sam_cls.train import TrainingError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, CheckpointError, DatasetError, IndexMismatchError, TrainingError, ImportError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def index_options(fn):
+    """Index choice and knobs, shared by train and rebuild-index."""
+    for opt in reversed([
+        click.option("--index", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw", "torch"]),
+                     help="ANN back-end over the memory (auto chooses by N, d, K and device)."),
+        click.option("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))."),
+        click.option("--nprobe", type=int, help="IVF lists searched per query."),
+        click.option("--pq-m", type=int, help="PQ sub-quantizers for --index ivfpq."),
+        click.option("--hnsw-m", type=int, help="HNSW graph degree."),
+        click.option("--ef-search", type=int, help="HNSW search breadth (>= K)."),
+        click.option("--fp16/--no-fp16", default=None, help="Float16 storage for a GPU index."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@click.group()
+@click.version_option(package_name="sam-cls")
+def main() -> None:
+    """sam-cls: a classifier that reads the K nearest of all its training examples."""
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML run config; CLI options override it.")
+@click.option("--dataset", help="mnist, fashion-mnist, cifar10, cifar100, imagefolder or synthetic.")
+@click.option("--data-dir", help="Folder holding the data set (default ./data).")
+@click.option("--encoder", help="linear, conv1 (Conv-MaxPool-ReLU-Linear) or cnn.")
+@click.option("--dim", type=int, help="Embedding dimension.")
+@click.option("--topk", type=int, help="Cells read per query (K); 0 = dense exact read over all cells.")
+@click.option("--temperature", type=float, help="Softmax temperature tau.")
+@click.option("--eta", type=float, help="Memory write momentum.")
+@click.option("--support-sample", type=int, help="The seed method: M random support images per batch (no index).")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float, help="Peak learning rate (SGD, warm-up then linear decay).")
+@index_options
+@click.option("--rebuild-every", help="Rebuild the index every N steps, 'epoch' or 'auto' (on measured staleness).")
+@click.option("--background-rebuild/--no-background-rebuild", default=None, help="Build the next index in a thread.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", type=int)
+@click.option("--out", help="Run directory (default runs/<dataset>-<encoder>-k<K>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line on stdout.")
+@friendly_errors
+def train(config_file, resume, as_json, **options) -> None:
+    """Train an encoder and its memory; writes a run directory."""
+    from sam_cls.train import train as run_training
+
+    cfg = make_config(config_file, **options)
+    if resume and options.get("out"):
+        # A resumed run keeps its own config; options given now (e.g. more --epochs) override it.
+        from sam_cls.checkpoint import RunDir
+
+        cfg = RunDir(options["out"]).load_config(**options)
+    report(run_training(cfg, resume=resume, log=log), as_json)
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")
+@click.option("--topk", type=int, help="Cells read per test image (default: the run's K).")
+@click.option("--data-dir", help="Override the run's data folder.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def evaluate(run_dir, topk, data_dir, device, as_json) -> None:
+    """Test accuracy of a run's memory classifier."""
+    from sam_cls.run import evaluate_run, load_run
+
+    report(evaluate_run(load_run(run_dir, data_dir, device, log), topk), as_json)
+
+
+@main.command("rebuild-index")
+@click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")
+@index_options
+@click.option("--data-dir", help="Override the run's data folder.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def rebuild_index(run_dir, data_dir, device, as_json, **options) -> None:
+    """Re-encode a run's memory and rebuild its index (any back-end)."""
+    from sam_cls.run import load_run, rebuild_run_index
+    from sam_cls.train import index_params
+
+    loaded = load_run(run_dir, data_dir, device, log)
+    cfg = make_config(None, **{**loaded.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})
+    result = rebuild_run_index(loaded, index_params(cfg, loaded.device), log)
+    if options.get("index"):
+        # Later reads of this run should use the back-end it now has.
+        loaded.run.save_config(make_config(None, **{**loaded.cfg.to_dict(), "index": options["index"]}))
+    report(result, as_json)
+
+
+@main.command("index-stats")
+@click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")
+@click.option("--topk", type=int, help="K for recall@K (default: the run's K).")
+@click.option("--queries", type=int, default=1000, show_default=True, help="Test images used as queries.")
+@click.option("--data-dir", help="Override the run's data folder.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def index_stats(run_dir, topk, queries, data_dir, device, as_json) -> None:
+    """Recall@K and search time of a run's index against exact search."""
+    from sam_cls.run import index_stats as stats
+    from sam_cls.run import load_run
+
+    report(stats(load_run(run_dir, data_dir, device, log), topk, queries), as_json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Choosing a back-end from N, d, k and the device, and the build / load entry points."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ._faiss import GPU_MAX_K, has_faiss, has_faiss_gpu, require_faiss
+from .base import METRIC, MemoryIndex, check_vectors
+from .faiss_index import FAISS_KINDS, FaissIndex, faiss_from_bytes
+from .params import IndexParams
+from .store import REBUILD_HINT, IndexMismatchError, check_header, read_index_file
+from .torch_exact import TorchExactIndex
+
+# Up to here exact search is cheap enough on a CPU (~0.1 s per 256 queries at d=128) and needs no training.
+FLAT_MAX_CELLS = 200_000
+# Raw float32 cells above this share of RAM (and above this many bytes) go to compressed ivfpq codes.
+IVFPQ_RAM_SHARE = 0.25
+IVFPQ_MIN_BYTES = 8 << 30
+# Approximate search pays only when k is a small share of N: IVF/HNSW would otherwise scan most of it.
+APPROX_MIN_CELLS_PER_K = 64
+
+
+def _ram_bytes() -> int:
+    """Physical memory of this machine, or 0 where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def choose_kind(n: int, d: int, k: int, device: str = "cpu") -> tuple[str, str]:
+    """The index kind "auto" resolves to, and why, in words for the log."""
+    raw = n * d * 4
+    if torch.device(device).type == "cuda":
+        if k > GPU_MAX_K:
+            return "torch", f"k={k} is above the faiss GPU limit {GPU_MAX_K}"
+        if not has_faiss_gpu():
+            return "torch", "CUDA without a faiss GPU build: exact matmul+topk on the GPU"
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if raw <= free // 4:
+            return "flat", f"{n} cells ({raw / 2**20:.0f} MiB) fit the GPU: exact faiss GPU search"
+        return "ivf", f"{n} cells ({raw / 2**20:.0f} MiB) are too big for exact GPU search"
+    if not has_faiss():
+        return "torch", "faiss is not installed: exact torch search"
+    if n <= FLAT_MAX_CELLS or n < APPROX_MIN_CELLS_PER_K * k:
+        return "flat", f"N={n} <= {FLAT_MAX_CELLS} (or k={k} is large for N): exact search is cheap"
+    limit = max(IVFPQ_MIN_BYTES, int(IVFPQ_RAM_SHARE * _ram_bytes()))
+    if raw > limit:
+        return "ivfpq", f"raw cells take {raw / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB: compressed PQ codes"
+    return "ivf", f"N={n} > {FLAT_MAX_CELLS} cells: inverted lists instead of a full scan"
+
+
+def build_index(
+    vectors: torch.Tensor,
+    params: IndexParams,
+    k: int,
+    log: Callable[[str], None] | None = None,
+    *,
+    seed: int = 0,
+) -> MemoryIndex:
+    """Index L2-normalised (N, d) cells for inner-product top-k search; kind="auto" picks by N, d, k, device."""
+    vectors = check_vectors(vectors)
+    n, d = vectors.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of cells {n}")
+    kind = params.kind
+    if kind == "auto":
+        kind, why = choose_kind(n, d, k, params.device)
+        if log:
+            log(f"index auto -> {kind}: {why}")
+    if kind == "torch":
+        return TorchExactIndex(vectors, params.device)
+    require_faiss()
+    return FaissIndex.build(vectors, kind, replace(params, kind=kind), k, log, seed=seed)
+
+
+def load_index(
+    path: str | Path,
+    params: IndexParams | None = None,
+    expect_dim: int | None = None,
+    expect_size: int | None = None,
+) -> MemoryIndex:
+    """Load a saved index, verifying kind, metric, dim and size; params place it and may override search knobs."""
+    header, payload = read_index_file(path)
+    params = params or IndexParams()
+    kind = header.get("kind")
+    check_header(path, header, {
+        "metric": METRIC,
+        "dim": expect_dim,
+        "size": expect_size,
+        "kind": None if params.kind == "auto" else params.kind,
+    })
+    params = replace(params, kind=kind)
+    dim, size = header.get("dim"), header.get("size")
+    if kind == "torch":
+        if len(payload) != size * dim * 4:
+            raise IndexMismatchError(f"{path}: payload holds {len(payload)} bytes, not {size}x{dim} float32 cells; "
+                                     f"{REBUILD_HINT} to rebuild it")
+        vectors = torch.frombuffer(payload, dtype=torch.float32).view(size, dim)
+        return TorchExactIndex(vectors, params.device)
+    if kind not in FAISS_KINDS:
+        raise IndexMismatchError(f"{path}: unknown index kind {kind!r}; {REBUILD_HINT} to rebuild it")
+    require_faiss()
+    try:
+        index = faiss_from_bytes(payload, kind, params, header.get("factory", kind))
+    except RuntimeError as e:  # faiss raises RuntimeError on a payload it cannot parse
+        raise IndexMismatchError(f"{path}: faiss cannot read the index ({str(e).splitlines()[0]}); "
+                                 f"{REBUILD_HINT} to rebuild it") from e
+    # The header was checked; the faiss payload must agree with it.
+    metric = METRIC if index.metric == require_faiss().METRIC_INNER_PRODUCT else f"faiss metric {index.metric}"
+    check_header(path, {"dim": index.dim, "size": index.size, "metric": metric}, {"dim": dim, "size": size, "metric": METRIC})
+    return index

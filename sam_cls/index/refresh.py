@@ -1,0 +1,215 @@
+"""Keeping an index in step with a memory bank that the trainer rewrites every step."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from .auto import build_index
+from .base import MemoryIndex
+from .faiss_index import FaissIndex
+from .params import IVF_KINDS, IndexParams
+from .recall import recall_at_k
+
+# A refresh that re-adds to the old coarse quantizer and falls below this recall makes the next rebuild retrain.
+RECALL_FLOOR = 0.9
+
+
+class IndexRefresher:
+    """Owns the index over a live (N, d) memory tensor and rebuilds it when a policy says it is stale.
+
+    rebuild_every=R rebuilds every R steps; "auto" rebuilds when staleness() passes staleness_threshold.
+    IVF kinds re-add to the trained quantizer and retrain only every `retrain_every`-th rebuild (or after
+    recall fell below RECALL_FLOOR). background=True builds the next index in a worker thread from a
+    snapshot of the memory while searches use the current one, and swaps at the first step() after it is done.
+    """
+
+    def __init__(
+        self,
+        memory: torch.Tensor,
+        params: IndexParams,
+        k: int,
+        rebuild_every: int | str = "auto",
+        staleness_threshold: float = 0.02,
+        retrain_every: int = 10,
+        background: bool = False,
+        log: Callable[[str], None] | None = None,
+        seed: int = 0,
+        recall_sample: int = 256,
+        staleness_sample: int = 1024,
+    ):
+        if rebuild_every != "auto" and not (isinstance(rebuild_every, int) and rebuild_every >= 1):
+            raise ValueError(f"rebuild_every must be a positive number of steps or 'auto', got {rebuild_every!r}")
+        if retrain_every < 1:
+            raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")
+        self.memory, self.k, self.seed = memory, k, seed
+        self.rebuild_every, self.staleness_threshold = rebuild_every, staleness_threshold
+        self.retrain_every, self.background = retrain_every, background
+        self.recall_sample, self.staleness_sample = recall_sample, staleness_sample
+        self.log = log or (lambda line: None)
+        self.rebuilds = 0
+        self.history: list[dict] = []  # every rebuild record, oldest first
+        self._steps_since = 0  # steps since the memory was last snapshotted for an index
+        self._since_retrain = 0  # IVF rebuilds that re-used the quantizer since it was last trained
+        self._retrain_next = False
+        self._worker: threading.Thread | None = None
+        self._result: tuple | None = None
+        self._error: BaseException | None = None
+
+        start = time.perf_counter()
+        snapshot = memory.detach()
+        self._draw_samples(snapshot.shape[0])
+        self.index: MemoryIndex = build_index(snapshot, params, k, log=self.log, seed=seed)
+        # Resolved kind and knobs, so later builds neither re-run "auto" nor change nprobe / efSearch.
+        self.params = self.index.params if isinstance(self.index, FaissIndex) else replace(params, kind="torch")
+        self._indexed_sample = snapshot[self._sample_ids].clone()
+        self.log(f"index built: {self.index.description}, {self.index.size} cells, "
+                 f"{time.perf_counter() - start:.2f}s")
+
+    # -- searching and policy -------------------------------------------------------------------------
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Search the current index (the previous one while a background rebuild runs)."""
+        return self.index.search(queries, k)
+
+    def staleness(self) -> float:
+        """Mean cosine drift (1 - cos) of a fixed sample of cells between the index's values and the memory's."""
+        current = self.memory.detach()[self._sample_ids].float()
+        return float((1.0 - F.cosine_similarity(current, self._indexed_sample, dim=1)).mean())
+
+    def step(self, step: int) -> dict | None:
+        """Call after each training step's memory write; returns the rebuild record when one completes."""
+        record = self._collect()
+        if record is not None:
+            return record
+        self._steps_since += 1
+        if self._worker is not None:  # a background build is in flight: it is the pending rebuild
+            return None
+        reason = self._due()
+        if reason is None:
+            return None
+        if self.background:
+            self._start(reason, step)
+            return None
+        return self._rebuild_now(reason, retrain=self._retrain_due(), step=step)
+
+    def rebuild(self, reason: str, retrain: bool = True) -> dict:
+        """Forced rebuild from the current memory (e.g. before evaluation); IVF kinds retrain unless told not to."""
+        if self._worker is not None:  # its snapshot is older than the memory now: finish it and drop it
+            self._worker.join()
+            self._worker, self._result, self._error = None, None, None
+        return self._rebuild_now(reason, retrain=retrain)
+
+    def close(self) -> None:
+        """Wait for a background build, if any, and drop its result."""
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = self._result = None
+
+    def _due(self) -> str | None:
+        """Why a rebuild is due now, or None."""
+        if self.memory.shape[0] != self.index.size:
+            return f"memory has {self.memory.shape[0]} cells, index {self.index.size}"
+        if self.rebuild_every == "auto":
+            drift = self.staleness()
+            return f"staleness {drift:.4f} > {self.staleness_threshold}" if drift > self.staleness_threshold else None
+        return f"every {self.rebuild_every} steps" if self._steps_since >= self.rebuild_every else None
+
+    def _retrain_due(self) -> bool:
+        return self.index.kind in IVF_KINDS and (self._retrain_next or self._since_retrain + 1 >= self.retrain_every)
+
+    # -- building -------------------------------------------------------------------------------------
+    def _samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed, seeded cells for staleness and for recall queries: same seed, same cells, on any device."""
+        gen = torch.Generator().manual_seed(self.seed)
+        staleness_ids = torch.randperm(n, generator=gen)[: self.staleness_sample]
+        recall_ids = torch.randperm(n, generator=gen)[: self.recall_sample]
+        return staleness_ids.to(self.memory.device), recall_ids.to(self.memory.device)
+
+    def _draw_samples(self, n: int) -> None:
+        self._sampled_n = n
+        self._sample_ids, self._recall_ids = self._samples(n)
+
+    def _recall(self, index: MemoryIndex, snapshot: torch.Tensor) -> float | None:
+        """Recall@k on a fixed sample of cells used as queries; 1.0 for exact kinds, None when disabled."""
+        if self.recall_sample <= 0:
+            return None
+        if index.kind in ("flat", "torch") and not self.params.fp16:
+            return 1.0
+        n = snapshot.shape[0]
+        ids = self._recall_ids if n == self._sampled_n else self._samples(n)[1]
+        return round(recall_at_k(index, snapshot, snapshot[ids], min(self.k, n))["recall_at_k"], 4)
+
+    def _rebuild_now(self, reason: str, retrain: bool, step: int | None = None) -> dict:
+        start = time.perf_counter()
+        resized = self.memory.shape[0] != self.index.size
+        before = None if resized else self.staleness()
+        snapshot = self.memory.detach()
+        retrained = (retrain or resized) and self.index.kind in IVF_KINDS
+        if retrained or resized:
+            self.index = build_index(snapshot, self.params, self.k, seed=self.seed)
+        else:  # in place: keeps IVF training, and no second copy of the cells
+            self.index.refresh(snapshot)
+        self._steps_since = 0
+        recall = self._recall(self.index, snapshot)
+        return self._install(snapshot, reason, start, before, recall, retrained, step, background=False)
+
+    def _start(self, reason: str, step: int) -> None:
+        """Snapshot the memory and build the next index from it in a worker thread."""
+        snapshot = self.memory.detach().clone()
+        resized = snapshot.shape[0] != self.index.size
+        before = None if resized else self.staleness()
+        retrain = self._retrain_due() or (resized and self.index.kind in IVF_KINDS)
+        kind, params, k, seed = self.index.kind, self.params, self.k, self.seed
+        # Read everything the worker needs from the current index here, in the searching thread.
+        make = None if retrain else self.index.rebuilder()
+        self._steps_since = 0
+
+        def work():
+            try:
+                start = time.perf_counter()
+                if retrain:
+                    index = FaissIndex.build(snapshot, kind, params, k, seed=seed, place=False)
+                else:
+                    index = make(snapshot)
+                self._result = (index, snapshot, reason, start, before, self._recall(index, snapshot), retrain, step)
+            except Exception as e:  # noqa: BLE001 -- kept and re-raised in the training thread by _collect
+                self._error = e
+
+        self._worker = threading.Thread(target=work, name="sam-cls-index-rebuild", daemon=True)
+        self._worker.start()
+
+    def _collect(self) -> dict | None:
+        """Swap in a finished background index; re-raise its error if the build failed."""
+        if self._worker is None or self._worker.is_alive():
+            return None
+        self._worker.join()
+        self._worker, result, error = None, self._result, self._error
+        self._result = self._error = None
+        if error is not None:
+            raise RuntimeError(f"background index rebuild failed: {error}") from error
+        index, snapshot, reason, start, before, recall, retrained, step = result
+        index.place()  # GPU placement happens here, in the searching thread that owns the GPU resources
+        self.index = index
+        return self._install(snapshot, reason, start, before, recall, retrained, step, background=True)
+
+    def _install(self, snapshot, reason, start, before, recall, retrained, step, background) -> dict:
+        """Book-keeping after a rebuild: the indexed sample, retrain schedule, record and log line."""
+        if snapshot.shape[0] != self._sampled_n:  # the memory was resized: draw a new fixed sample
+            self._draw_samples(snapshot.shape[0])
+        self._indexed_sample = snapshot[self._sample_ids].clone()
+        self.rebuilds += 1
+        self._since_retrain = 0 if retrained else self._since_retrain + 1
+        self._retrain_next = recall is not None and recall < RECALL_FLOOR and self.index.kind in IVF_KINDS
+        record = {"reason": reason, "seconds": round(time.perf_counter() - start, 4),
+                  "staleness_before": None if before is None else round(before, 6), "recall_after": recall,
+                  "kind": self.index.kind, "retrained": retrained, "background": background, "step": step}
+        self.history.append(record)
+        self.log(f"index rebuild {self.rebuilds} ({reason}): {self.index.kind} in {record['seconds']:.2f}s, "
+                 f"staleness {record['staleness_before']} -> 0, recall@{self.k} {recall}, retrained {retrained}"
+                 f"{', background' if background else ''}")
+        return record

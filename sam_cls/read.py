@@ -1,0 +1,106 @@
+"""Reading the memory: a temperature softmax over cells, summed per class, as log-probabilities.
+
+`sparse_read` touches only the K candidate cells an index returned; `dense_read` is the exact reference
+over all N cells, streamed in chunks with a running max so it never holds a B x N matrix.
+"""
+
+import torch
+import torch.nn.functional as F
+
+# Floor for a class probability before its log: a class with no candidate among the K has P = 0.
+TINY = 1e-30
+
+
+def class_log_probs(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log P(c | x) = log sum_{i: label_i = c} softmax(scores)_i, for (B, K) scores and labels."""
+    p = torch.softmax(scores, dim=1)
+    per_class = torch.zeros(scores.shape[0], num_classes, dtype=p.dtype, device=p.device)
+    per_class.scatter_add_(1, labels.expand_as(p), p)
+    return per_class.clamp_min(TINY).log()
+
+
+def sparse_read(
+    u: torch.Tensor,
+    ids: torch.Tensor,
+    memory: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    temperature: float,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Class log-probabilities from the K candidate cells `ids` (B, K); gradients reach u only."""
+    cells = memory[ids]  # (B, K, d): the only cells this read touches
+    scores = torch.bmm(cells, u.unsqueeze(2)).squeeze(2) / temperature
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, float("-inf"))
+    return class_log_probs(scores, labels[ids], num_classes)
+
+
+def exclusion_mask(ids: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Mask for a search of K + 1 candidates that leaves exactly K: the query's own cell, else the last."""
+    mask = ids == own.unsqueeze(1)
+    # A query whose own cell was not among the K + 1 drops its farthest candidate instead, so every
+    # training read averages over the same number of cells.
+    mask[:, -1] |= ~mask.any(dim=1)
+    return mask
+
+
+def _chunk_scores(u, memory, start, stop, temperature, exclude_ids):
+    scores = u @ memory[start:stop].T / temperature
+    if exclude_ids is not None:
+        rows = torch.nonzero((exclude_ids >= start) & (exclude_ids < stop)).squeeze(1)
+        scores[rows, exclude_ids[rows] - start] = float("-inf")
+    return scores
+
+
+class DenseRead(torch.autograd.Function):
+    """Exact read over all N cells; forward and backward both stream chunks of cells."""
+
+    @staticmethod
+    def forward(ctx, u, memory, labels, num_classes, temperature, exclude_ids, chunk):
+        B = u.shape[0]
+        running_max = torch.full((B,), float("-inf"), dtype=u.dtype, device=u.device)
+        per_class = torch.zeros(B, num_classes, dtype=u.dtype, device=u.device)
+        for start in range(0, memory.shape[0], chunk):
+            stop = min(start + chunk, memory.shape[0])
+            scores = _chunk_scores(u, memory, start, stop, temperature, exclude_ids)
+            new_max = torch.maximum(running_max, scores.max(dim=1).values)
+            # Rescale what was summed under the old max; exp(-inf) = 0 handles the first chunk.
+            per_class *= torch.exp(running_max - new_max).unsqueeze(1)
+            onehot = F.one_hot(labels[start:stop], num_classes).to(u.dtype)
+            per_class += torch.exp(scores - new_max.unsqueeze(1)) @ onehot
+            running_max = new_max
+        total = per_class.sum(dim=1)
+        log_probs = per_class.clamp_min(TINY).log() - total.log().unsqueeze(1)
+        ctx.save_for_backward(u, memory, labels, log_probs, running_max + total.log())
+        ctx.temperature, ctx.exclude_ids, ctx.chunk = temperature, exclude_ids, chunk
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u, memory, labels, log_probs, log_total = ctx.saved_tensors
+        probs = log_probs.exp()
+        # d log P_c / d s_i = [label_i = c] p_i / P_c - p_i, so ds_i = p_i (g_{label_i} / P_{label_i} - sum_c g_c).
+        ratio = torch.where(probs > TINY, grad_out / probs, torch.zeros_like(probs))
+        g_sum = grad_out.sum(dim=1, keepdim=True)
+        grad_u = torch.zeros_like(u)
+        for start in range(0, memory.shape[0], ctx.chunk):
+            stop = min(start + ctx.chunk, memory.shape[0])
+            scores = _chunk_scores(u, memory, start, stop, ctx.temperature, ctx.exclude_ids)
+            p = torch.exp(scores - log_total.unsqueeze(1))
+            d_scores = p * (ratio[:, labels[start:stop]] - g_sum)
+            grad_u += d_scores @ memory[start:stop] / ctx.temperature
+        return grad_u, None, None, None, None, None, None
+
+
+def dense_read(
+    u: torch.Tensor,
+    memory: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    temperature: float,
+    exclude_ids: torch.Tensor | None = None,
+    chunk: int = 8192,
+) -> torch.Tensor:
+    """Exact class log-probabilities over every cell (the reference, and `--topk 0`)."""
+    return DenseRead.apply(u, memory.detach(), labels, num_classes, temperature, exclude_ids, chunk)

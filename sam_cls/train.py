@@ -1,0 +1,254 @@
+"""Training: encoder by backprop through sparse memory reads, memory by momentum writes, index by refresh."""
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sam_cls.checkpoint import CheckpointError, RunDir, atomic_save, load_tensors
+from sam_cls.config import Config, ConfigError
+from sam_cls.data import Dataset, augment, load_dataset
+from sam_cls.evaluate import accuracy, encode_all
+from sam_cls.index import IndexParams, IndexRefresher
+from sam_cls.memory import MemoryBank
+from sam_cls.model import build_encoder
+from sam_cls.read import class_log_probs, dense_read, exclusion_mask, sparse_read
+
+# Options a resumed run may not change: they define what the checkpoint's tensors mean.
+STRUCTURAL = ("dataset", "encoder", "dim", "synthetic_train", "synthetic_classes", "synthetic_shape", "seed")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a NaN loss); the message says what to change."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch sees no CUDA device: use --device cpu or auto")
+    return torch.device(name)
+
+
+def index_params(cfg: Config, device: torch.device) -> IndexParams:
+    return IndexParams(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, pq_m=cfg.pq_m, hnsw_m=cfg.hnsw_m,
+                       ef_search=cfg.ef_search, fp16=cfg.fp16, device=device.type)
+
+
+def get_dataset(cfg: Config, log) -> Dataset:
+    from sam_cls.data import SyntheticSpec
+
+    spec = SyntheticSpec(n_train=cfg.synthetic_train, n_test=cfg.synthetic_test, num_classes=cfg.synthetic_classes,
+                         shape=tuple(cfg.synthetic_shape), seed=cfg.seed)
+    return load_dataset(cfg.dataset, cfg.data_dir, synthetic=spec, log=log)
+
+
+def fresh_run_dir(cfg: Config) -> Path:
+    """runs/<dataset>-<encoder>-k<K>, with -2, -3, ... appended rather than overwrite an earlier run."""
+    base = Path("runs") / f"{cfg.dataset}-{cfg.encoder}-k{cfg.topk}"
+    path, n = base, 1
+    while (path / "checkpoint.pt").exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+class Trainer:
+    """Holds everything one run mutates, so a checkpoint is exactly `state_dict()`."""
+
+    def __init__(self, cfg: Config, log=print):
+        self.cfg, self.log = cfg, log
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.data = get_dataset(cfg, log)
+        n = len(self.data.train_y)
+        if cfg.topk > n - 2:
+            raise ConfigError(f"--topk {cfg.topk} is larger than the memory allows ({n} cells, one excluded as the "
+                              f"query's own): use --topk <= {n - 2}, or 0 for the dense read")
+        if cfg.support_sample > n:
+            raise ConfigError(f"--support-sample {cfg.support_sample} exceeds the {n} training images")
+        # Data lives on the training device and is augmented there in batches (no per-image Python work).
+        self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
+        self.encoder = build_encoder(cfg.encoder, self.data.image_shape, cfg.dim, self.data.mean, self.data.std)
+        self.encoder.to(self.device)
+        self.opt = torch.optim.SGD(self.encoder.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                   weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(n / cfg.batch_size)
+        total, warmup = cfg.epochs * self.steps_per_epoch, max(1, round(cfg.warmup_epochs * self.steps_per_epoch))
+        # Linear warm-up then linear decay to zero: robust for few-epoch CPU runs without tuning.
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+        self.perm_gen = torch.Generator().manual_seed(cfg.seed)  # batch order and support samples
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # crops and flips
+        self.step, self.epoch = 0, 0
+        self.memory: MemoryBank | None = None
+
+    # -- state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": 1,
+            "config": self.cfg.to_dict(),
+            "encoder": self.encoder.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "memory": self.memory.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "rng": {"torch": torch.get_rng_state(), "perm": self.perm_gen.get_state(),
+                    "aug": self.aug_gen.get_state()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("config", {})
+        changed = [k for k in STRUCTURAL if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed:
+            raise CheckpointError(f"checkpoint was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}; "
+                                  f"resume with the same values or start a new run with --out")
+        self.encoder.load_state_dict(state["encoder"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.memory = MemoryBank.from_state_dict(state["memory"], self.device)
+        if self.memory.size != len(self.train_y):
+            raise CheckpointError(f"checkpoint memory has {self.memory.size} cells but the data set has "
+                                  f"{len(self.train_y)} training images: check --dataset/--data-dir")
+        self.step, self.epoch = state["step"], state["epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        self.perm_gen.set_state(state["rng"]["perm"])
+        self.aug_gen.set_state(state["rng"]["aug"])
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.train_x[idx]
+        if self.cfg.augment and self.data.natural:
+            x = augment(x, self.aug_gen)
+        return x
+
+    def log_probs(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The training read for the configured mode; the query's own cell never counts."""
+        cfg, mem, C = self.cfg, self.memory, self.data.num_classes
+        if cfg.support_sample:
+            # The seed's mode: M random support images re-encoded with gradients, dense softmax over them.
+            support = torch.randperm(len(self.train_y), generator=self.perm_gen)[: cfg.support_sample]
+            support = support.to(self.device)
+            s = self.encoder(self.batch(support))
+            scores = (u @ s.T / cfg.temperature).masked_fill(support[None, :] == idx[:, None], float("-inf"))
+            return class_log_probs(scores, self.train_y[support][None, :], C)
+        if cfg.topk == 0:
+            return dense_read(u, mem.embeddings, mem.labels, C, cfg.temperature, exclude_ids=idx)
+        # K + 1 candidates so that dropping the query's own cell still leaves K.
+        _, ids = self.refresher.search(u.detach(), cfg.topk + 1)
+        ids = ids.to(self.device)
+        return sparse_read(u, ids, mem.embeddings, mem.labels, C, cfg.temperature, exclude=exclusion_mask(ids, idx))
+
+    def diverged(self, value) -> TrainingError:
+        cfg = self.cfg
+        return TrainingError(f"loss became {value} at step {self.step} (epoch {self.epoch + 1}): lower --lr (now "
+                             f"{cfg.lr}) or raise --temperature (now {cfg.temperature}); the last checkpoint is intact")
+
+    def train_epoch(self) -> tuple[float, float]:
+        cfg, n = self.cfg, len(self.train_y)
+        self.encoder.train()
+        perm = torch.randperm(n, generator=self.perm_gen).to(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        start = time.perf_counter()
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step",
+                   leave=False, mininterval=1.0)
+        for i in bar:
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            u = self.encoder(self.batch(idx))
+            # Diverged weights show first as non-finite embeddings, which an index cannot search; the search
+            # syncs with the host anyway, so this check costs no extra stall.
+            if not torch.isfinite(u).all():
+                raise self.diverged("nan")
+            loss = F.nll_loss(self.log_probs(u, idx), self.train_y[idx])
+            if i % 20 == 0:  # a host sync every step would stall a GPU; every 20 still catches a NaN early
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise self.diverged(value)
+                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{(i + 1) * cfg.batch_size / (time.perf_counter() - start):.0f}")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            loss_sum += loss.detach()
+            self.step += 1
+            if not cfg.support_sample and cfg.topk:
+                self.memory.write(idx, u, cfg.eta, self.step)
+                self.refresher.step(self.step)
+        mean_loss = loss_sum.item() / self.steps_per_epoch
+        if not math.isfinite(mean_loss):
+            raise self.diverged(mean_loss)
+        return mean_loss, n / (time.perf_counter() - start)
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def make_refresher(self) -> None:
+        cfg = self.cfg
+        every = self.steps_per_epoch if cfg.rebuild_every == "epoch" else cfg.rebuild_every
+        every = every if every == "auto" else int(every)
+        self.refresher = IndexRefresher(self.memory.embeddings, index_params(cfg, self.device), k=max(cfg.topk, 1) + 1,
+                                        rebuild_every=every, staleness_threshold=cfg.staleness_threshold,
+                                        background=cfg.background_rebuild, log=self.log, seed=cfg.seed)
+
+    def refresh_memory(self) -> None:
+        """Re-encode every cell with the current encoder (no augmentation): the memory evaluation reads."""
+        self.memory.replace(encode_all(self.encoder, self.train_x, self.cfg.eval_batch_size, desc="memory"), self.step)
+
+    def save(self, run: RunDir) -> None:
+        self.refresher.index.save(run.index)
+        atomic_save({"embeddings": self.memory.embeddings.cpu(), "labels": self.memory.labels.cpu()}, run.memory)
+        atomic_save(self.state_dict(), run.checkpoint)  # last: the checkpoint is the commit point
+
+    def fit(self, run: RunDir) -> dict:
+        cfg = self.cfg
+        if self.memory is None:
+            self.memory = MemoryBank(encode_all(self.encoder, self.train_x, cfg.eval_batch_size, desc="memory"),
+                                     self.train_y)
+        self.make_refresher()
+        record: dict = {}
+        run_start = time.perf_counter()
+        while self.epoch < cfg.epochs:
+            epoch_start, rebuilds_before = time.perf_counter(), self.refresher.rebuilds
+            train_loss, images_per_s = self.train_epoch()
+            self.epoch += 1
+            self.refresh_memory()
+            self.refresher.rebuild("evaluation")
+            test_acc = accuracy(self.encoder, self.data.test_x, self.data.test_y, self.memory, self.refresher.index,
+                                cfg.topk, self.data.num_classes, cfg.temperature, cfg.eval_batch_size)
+            record = {"epoch": self.epoch, "step": self.step, "train_loss": round(train_loss, 5),
+                      "test_acc": round(test_acc, 3), "images_per_s": round(images_per_s, 1),
+                      "seconds": round(time.perf_counter() - epoch_start, 2),
+                      "index_rebuilds": self.refresher.rebuilds - rebuilds_before}
+            run.append_metrics(record)
+            self.save(run)
+            self.log(f"epoch {self.epoch}/{cfg.epochs}  loss {train_loss:.4f}  test acc {test_acc:.2f}%  "
+                     f"{images_per_s:.0f} img/s  {record['seconds']:.1f}s  rebuilds {record['index_rebuilds']}")
+        return {"test_acc": record.get("test_acc"), "epochs": self.epoch, "seconds": round(time.perf_counter() - run_start, 2),
+                "run_dir": str(run.path), "images_per_s": record.get("images_per_s")}
+
+
+def train(cfg: Config, resume: bool = False, log=print) -> dict:
+    """Train (or resume) a run; returns the last epoch's summary."""
+    if resume and not cfg.out:
+        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    run = RunDir(cfg.out or fresh_run_dir(cfg))
+    if resume:
+        run.require_checkpoint()
+        state = load_tensors(run.checkpoint)
+    elif run.checkpoint.exists():
+        raise ConfigError(f"{run.path} already holds a run: pass --resume to continue it, or a new --out")
+    cfg.out = str(run.path)
+    trainer = Trainer(cfg, log)
+    if resume:
+        trainer.load_state_dict(state)
+        run.truncate_metrics(trainer.epoch)
+        log(f"resuming {run.path} at epoch {trainer.epoch}, step {trainer.step}")
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.save_config(cfg)
+    return trainer.fit(run)

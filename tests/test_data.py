@@ -1,0 +1,272 @@
+"""Loaders read real on-disk files written by tests/datafiles.py; augment and splits checked by content."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from datafiles import write_cifar10, write_cifar100, write_imagefolder, write_mnist
+from PIL import Image
+
+from sam_cls import data
+from sam_cls.data import (
+    DATASETS,
+    Dataset,
+    DatasetError,
+    SyntheticSpec,
+    augment,
+    load_dataset,
+    split_validation,
+)
+
+
+def _check(ds: Dataset, arrays: tuple[np.ndarray, ...], shape: tuple[int, int, int], n_classes: int) -> None:
+    """Shapes, dtypes, exact values and labels, and the normalisation statistics of a loaded data set."""
+    train_x, train_y, test_x, test_y = arrays
+    assert ds.train_x.dtype == ds.test_x.dtype == torch.uint8
+    assert ds.train_y.dtype == ds.test_y.dtype == torch.int64
+    assert ds.train_x.is_contiguous() and ds.test_x.is_contiguous()
+    assert ds.image_shape == shape and ds.num_classes == n_classes
+    for got, want in ((ds.train_x, train_x), (ds.train_y, train_y), (ds.test_x, test_x), (ds.test_y, test_y)):
+        assert torch.equal(got, torch.from_numpy(want))
+    x = torch.from_numpy(train_x).float() / 255
+    assert torch.allclose(ds.mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(ds.std, x.std(dim=(0, 2, 3)), atol=1e-5)
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_mnist_family_round_trip(tmp_path: Path, name: str, folder: str) -> None:
+    arrays = write_mnist(tmp_path, n_train=30, n_test=12, seed=1, folder=folder)
+    ds = load_dataset(name, tmp_path, download=False)
+    _check(ds, arrays, (1, 28, 28), 10)
+    assert not ds.natural and ds.name == name
+
+
+def test_cifar10_round_trip(tmp_path: Path) -> None:
+    arrays = write_cifar10(tmp_path, n_train=23, n_test=7, seed=2)  # 23 forces uneven batches
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    _check(ds, arrays, (3, 32, 32), 10)
+    assert ds.natural and ds.classes[0] == "airplane"
+
+
+def test_cifar100_round_trip(tmp_path: Path) -> None:
+    arrays = write_cifar100(tmp_path, n_train=40, n_test=10, seed=3)
+    ds = load_dataset("cifar100", tmp_path, download=False)
+    _check(ds, arrays, (3, 32, 32), 100)
+    assert ds.classes[7] == "fine07"
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_imagefolder_png_round_trip(tmp_path: Path, channels: int) -> None:
+    arrays = write_imagefolder(tmp_path, n_per_class=4, classes=("b", "a", "c"), size=(6, 9), seed=4,
+                               channels=channels)
+    ds = load_dataset("imagefolder", tmp_path)
+    _check(ds, arrays, (channels, 6, 9), 3)
+    assert ds.classes == ["a", "b", "c"] and ds.natural
+
+
+def test_imagefolder_jpeg_matches_pil(tmp_path: Path) -> None:
+    arrays = write_imagefolder(tmp_path, n_per_class=2, size=16, seed=5, fmt="jpg")
+    ds = load_dataset("imagefolder", tmp_path)
+    assert ds.train_x.shape == (4, 3, 16, 16) and torch.equal(ds.train_y, torch.from_numpy(arrays[1]))
+    # JPEG is lossy, so the reference is an independent decode of each file rather than the written pixels.
+    files = sorted((tmp_path / "train").glob("*/*.jpg"))
+    reference = np.stack([np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1) for f in files])
+    assert torch.equal(ds.train_x, torch.from_numpy(reference))
+
+
+def test_imagefolder_cache_hit_and_invalidation(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, n_per_class=3, seed=6)
+    logs: list[str] = []
+    first = load_dataset("imagefolder", tmp_path, log=logs.append)
+    assert any("decoding" in m for m in logs) and not any("cache hit" in m for m in logs)
+    caches = list((tmp_path / ".sam_cls_cache").glob("imagefolder-*.pt"))
+    assert len(caches) == 1
+
+    logs.clear()
+    second = load_dataset("imagefolder", tmp_path, log=logs.append)
+    assert any("cache hit" in m for m in logs) and not any("decoding" in m for m in logs)
+    assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
+
+    # A rewritten file of the same size must invalidate too: the key includes the mtime.
+    victim = tmp_path / "train" / "cat" / "0000.png"
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+    logs.clear()
+    load_dataset("imagefolder", tmp_path, log=logs.append)
+    assert any("decoding" in m for m in logs)
+
+    # An added image changes the data, and the superseded cache file is removed.
+    write_imagefolder(tmp_path / "extra", n_per_class=1, seed=7)
+    os.replace(tmp_path / "extra" / "train" / "dog" / "0000.png", tmp_path / "train" / "dog" / "9999.png")
+    logs.clear()
+    third = load_dataset("imagefolder", tmp_path, log=logs.append)
+    assert any("decoding" in m for m in logs) and len(third.train_y) == len(first.train_y) + 1
+    assert len(list((tmp_path / ".sam_cls_cache").glob("imagefolder-*.pt"))) == 1
+
+
+def test_imagefolder_read_only_uses_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "ro"
+    write_imagefolder(root, n_per_class=2, seed=8)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root.chmod(0o555)  # no write bits: the loader must leave the folder alone even when run as root
+    try:
+        logs: list[str] = []
+        load_dataset("imagefolder", root, log=logs.append)
+        load_dataset("imagefolder", root, log=logs.append)
+    finally:
+        root.chmod(0o755)
+    assert not (root / ".sam_cls_cache").exists()
+    assert len(list((tmp_path / "xdg" / "sam_cls").glob("imagefolder-*.pt"))) == 1
+    assert any("cache hit" in m for m in logs)
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, n_per_class=2, size=8, seed=9)
+    write_imagefolder(tmp_path / "odd", n_per_class=1, size=(8, 10), seed=9)
+    odd = tmp_path / "train" / "dog" / "0005.png"
+    os.replace(tmp_path / "odd" / "train" / "dog" / "0000.png", odd)
+    with pytest.raises(DatasetError, match=r"0005\.png is 10x8 .* 8x8"):
+        load_dataset("imagefolder", tmp_path)
+    odd.unlink()
+    (tmp_path / "test" / "cat").rename(tmp_path / "test" / "cow")
+    with pytest.raises(DatasetError, match="same class folders"):
+        load_dataset("imagefolder", tmp_path)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("mnist", "MNIST/raw/train-images-idx3-ubyte"),
+    ("fashion-mnist", "FashionMNIST/raw/t10k-labels-idx1-ubyte"),
+    ("cifar10", "cifar-10-batches-py/data_batch_1"),
+    ("cifar100", "cifar-100-python/train"),
+    ("imagefolder", "train/<class>/*"),
+])
+def test_missing_data_names_files_and_flag(tmp_path: Path, name: str, expected: str) -> None:
+    with pytest.raises(DatasetError) as info:
+        load_dataset(name, tmp_path / "nowhere", download=False)
+    message = str(info.value)
+    assert "\n" not in message and expected in message and "--data-dir" in message
+
+
+def _refused_url() -> str:
+    """A loopback port nothing listens on: a real download attempt that fails at once, without any network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+class MNIST(torchvision.datasets.MNIST):  # torchvision derives the folder name from the class name
+    mirrors: ClassVar = [_refused_url()]
+
+
+class CIFAR100(data._CIFAR100):
+    url = _refused_url() + "cifar-100-python.tar.gz"
+
+
+@pytest.mark.parametrize("cls", [MNIST, CIFAR100])
+def test_failed_download_is_one_line_and_leaves_nothing(tmp_path: Path, cls: type) -> None:
+    root = tmp_path / "data"
+    start = time.perf_counter()
+    with pytest.raises(DatasetError) as info:
+        data._load_torchvision("x", cls, root, download=True, log=lambda _m: None)
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "\n" not in message and "downloading failed" in message and "--data-dir" in message
+    assert list(root.iterdir()) == []  # the scratch folder and any partial archive are gone
+
+
+def test_unknown_dataset_lists_choices() -> None:
+    with pytest.raises(DatasetError, match="--dataset") as info:
+        load_dataset("imagenet")
+    assert all(name in str(info.value) for name in DATASETS)
+
+
+def test_synthetic_deterministic_and_separable() -> None:
+    spec = SyntheticSpec(n_train=600, n_test=200, num_classes=6, shape=(3, 4, 4), seed=11)
+    a, b = load_dataset("synthetic", synthetic=spec), load_dataset("synthetic", synthetic=spec)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    other = load_dataset("synthetic", synthetic=SyntheticSpec(n_train=600, n_test=200, num_classes=6,
+                                                              shape=(3, 4, 4), seed=12))
+    assert not torch.equal(a.train_x, other.train_x)
+    assert a.train_x.shape == (600, 3, 4, 4) and a.train_x.dtype == torch.uint8 and not a.natural
+    assert torch.bincount(a.train_y).tolist() == [100] * 6  # balanced
+    # Nearest train centroid classifies test well: the classes really are separate clusters.
+    flat = a.train_x.flatten(1).float()
+    centroids = torch.stack([flat[a.train_y == c].mean(0) for c in range(6)])
+    pred = torch.cdist(a.test_x.flatten(1).float(), centroids).argmin(1)
+    assert (pred == a.test_y).float().mean() > 0.9
+
+
+def _indexed(n: int, classes: int) -> Dataset:
+    """A data set whose images encode their own index, so splits can be checked for overlap."""
+    idx = torch.arange(n)
+    x = torch.stack([idx % 256, idx // 256], 1).to(torch.uint8).view(n, 1, 1, 2).contiguous()
+    y = idx % classes
+    return Dataset("t", x, y, x[:3], y[:3], [str(c) for c in range(classes)], False,
+                   torch.zeros(1), torch.ones(1))
+
+
+def test_split_validation_sizes_disjoint_stratified() -> None:
+    ds = _indexed(1000, 4)
+    split = split_validation(ds, 0.2, seed=0)
+    def ids(x: torch.Tensor) -> set[int]:
+        return set((x[:, 0, 0, 0].long() + 256 * x[:, 0, 0, 1].long()).tolist())
+
+    train, val = ids(split.train_x), ids(split.test_x)
+    assert len(train) == 800 and len(val) == 200 and not train & val and train | val == set(range(1000))
+    assert torch.bincount(split.test_y).tolist() == [50] * 4
+    assert torch.equal(split.test_x, split_validation(ds, 0.2, seed=0).test_x)
+    assert not torch.equal(split.test_x, split_validation(ds, 0.2, seed=1).test_x)
+    assert split.classes == ds.classes and split.mean.shape == (1,)
+    with pytest.raises(ValueError):
+        split_validation(ds, 1.0, seed=0)
+
+
+def _batch(b: int = 64, c: int = 3, h: int = 8, w: int = 8) -> torch.Tensor:
+    """Distinct pixel values, so where each output pixel came from can be recovered."""
+    return (torch.arange(b * c * h * w) % 251).to(torch.uint8).view(b, c, h, w)
+
+
+def test_augment_shape_dtype_determinism() -> None:
+    x = _batch()
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, augment(x, torch.Generator().manual_seed(1)))
+
+
+def test_augment_crop_shifts_content() -> None:
+    x, pad = _batch(h=10, w=10), 2
+    out = augment(x, torch.Generator().manual_seed(3), pad=pad, flip=False)
+    # Reference: torch's own reflect padding, then a crop. Each output must be exactly one such crop.
+    padded = torch.nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(torch.uint8)
+    shifts = set()
+    for i in range(len(x)):
+        found = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 10, dx:dx + 10])]
+        assert len(found) == 1
+        shifts.add(found[0])
+    assert len(shifts) > 10  # many different shifts occur, not just the identity
+
+
+def test_augment_flip_mirrors() -> None:
+    x = _batch()
+    out = augment(x, torch.Generator().manual_seed(4), pad=0, flip=True)
+    same = [torch.equal(o, i) for o, i in zip(out, x)]
+    flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
+    assert all(s or f for s, f in zip(same, flipped)) and 0 < sum(flipped) < len(x)
+    assert torch.equal(augment(x, torch.Generator(), pad=0, flip=False), x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_augment_on_cuda_matches_its_own_generator() -> None:
+    x = _batch().cuda()
+    out = augment(x, torch.Generator(device="cuda").manual_seed(0))
+    assert out.is_cuda and torch.equal(out, augment(x, torch.Generator(device="cuda").manual_seed(0)))

@@ -1,0 +1,276 @@
+"""The index subsystem against real FAISS indices: search contract, recall at defaults, files, refresh policies."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+faiss = pytest.importorskip("faiss")
+
+from sam_cls.index import (  # noqa: E402
+    INDEX_KINDS,
+    IndexMismatchError,
+    IndexParams,
+    IndexRefresher,
+    build_index,
+    choose_kind,
+    exact_search,
+    load_index,
+    recall_at_k,
+)
+from sam_cls.index.synthetic import clustered_embeddings  # noqa: E402
+
+KINDS = [kind for kind in INDEX_KINDS if kind != "auto"]
+APPROX_KINDS = ["ivf", "ivfpq", "hnsw"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def small():
+    """2000 cells, d=32, and 16 held-out queries: enough for every kind to train."""
+    return clustered_embeddings(2000, 32, clusters=20, seed=1, n_queries=16)
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """The recall benchmark in miniature: N=20000, d=64, 100 clusters, 256 held-out queries."""
+    return clustered_embeddings(20000, 64, clusters=100, seed=0, n_queries=256)
+
+
+def drift(memory: torch.Tensor, scale: float, seed: int = 0) -> None:
+    """Move every cell in place, as training writes would, and keep it unit-norm."""
+    noise = torch.randn(memory.shape, generator=torch.Generator().manual_seed(seed))
+    memory.copy_(F.normalize(memory + scale * noise, dim=1))
+
+
+# -- the search contract ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_search_shapes_dtypes_device(kind, small):
+    x, q = small
+    index = build_index(x, IndexParams(kind=kind), k=10)
+    assert (index.kind, index.size, index.dim) == (kind, 2000, 32)
+    scores, ids = index.search(q[:7], 10)
+    assert scores.shape == ids.shape == (7, 10)
+    assert scores.dtype == torch.float32 and ids.dtype == torch.int64
+    assert scores.device == ids.device == q.device
+    assert ((ids >= 0) & (ids < 2000)).all()
+    assert (scores[:, :-1] >= scores[:, 1:] - 1e-5).all()  # best first
+    # Float64 and nn.Parameter queries work too; an empty batch gives empty results.
+    assert index.search(torch.nn.Parameter(q[:3].double()), 5)[1].shape == (3, 5)
+    assert index.search(q[:0], 5)[1].shape == (0, 5)
+
+
+def test_flat_equals_torch_exact(small):
+    x, q = small
+    flat = build_index(x, IndexParams(kind="flat"), k=50)
+    exact = build_index(x, IndexParams(kind="torch"), k=50)
+    (fs, fi), (ts, ti) = flat.search(q, 50), exact.search(q, 50)
+    torch.testing.assert_close(fs, ts, atol=1e-5, rtol=0)
+    assert (fi == ti).float().mean() > 0.999  # only float-rounding ties may swap
+    assert torch.equal(exact_search(x, q, 50)[1], ti)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_k_larger_than_size_raises(kind, small):
+    x, q = small
+    index = build_index(x[:100], IndexParams(kind=kind), k=5)
+    with pytest.raises(ValueError, match=r"k=101.*size 100"):
+        index.search(q, 101)
+    with pytest.raises(ValueError, match="k=101"):
+        build_index(x[:100], IndexParams(kind=kind), k=101)
+
+
+def test_ivf_never_returns_missing_ids(small):
+    """Lists of ~40 cells and nprobe=1 cannot hold k=100: the search widens instead of returning -1."""
+    x, q = small
+    index = build_index(x, IndexParams(kind="ivf", nlist=50, nprobe=1), k=100)
+    ids = index.search(q, 100)[1]
+    assert (ids >= 0).all()
+    assert index.params.nprobe == 1  # the widening is per call only
+
+
+def test_hnsw_ef_search_below_k_raises(small):
+    with pytest.raises(ValueError, match="ef_search=8 must be >= k=10"):
+        build_index(small[0], IndexParams(kind="hnsw", ef_search=8), k=10)
+
+
+def test_auto_chooses_and_says_why(small):
+    lines = []
+    index = build_index(small[0], IndexParams(kind="auto"), k=10, log=lines.append)
+    assert index.kind == "flat" and "auto -> flat" in lines[0]
+    assert choose_kind(1_000_000, 128, 256)[0] == "ivf"
+    assert choose_kind(1_000_000, 128, 256, device="cuda")[0] in ("flat", "ivf", "torch")
+    assert choose_kind(10_000_000_000, 128, 10)[0] == "ivfpq"
+
+
+# -- recall at the defaults -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", APPROX_KINDS)
+def test_recall_at_256_default_knobs(kind, clustered):
+    x, q = clustered
+    index = build_index(x, IndexParams(kind=kind), k=256)
+    stats = recall_at_k(index, x, q, 256)
+    print(f"{index.description}: recall@256 {stats['recall_at_k']:.4f}, {stats['search_ms']:.1f} ms / 256 queries")
+    assert stats["recall_at_k"] >= 0.95
+    assert stats["k"] == 256 and stats["n_queries"] == 256 and stats["search_ms"] > 0
+
+
+# -- files ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(kind, small, tmp_path):
+    x, q = small
+    index = build_index(x, IndexParams(kind=kind), k=10)
+    path = tmp_path / "index.bin"
+    index.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["index.bin"]  # no temporary file left behind
+    loaded = load_index(path, IndexParams(kind=kind), expect_dim=32, expect_size=2000)
+    assert (loaded.kind, loaded.size, loaded.dim) == (kind, 2000, 32)
+    (s0, i0), (s1, i1) = index.search(q, 10), loaded.search(q, 10)
+    assert torch.equal(i0, i1)
+    torch.testing.assert_close(s0, s1)
+    assert load_index(path).kind == kind  # params default to "auto": any kind is accepted
+
+
+@pytest.mark.parametrize(("expect", "field"), [({"expect_dim": 64}, "dim"), ({"expect_size": 1999}, "size")])
+def test_load_mismatch_names_file_value_and_fix(expect, field, small, tmp_path):
+    path = tmp_path / "index.bin"
+    build_index(small[0], IndexParams(kind="flat"), k=10).save(path)
+    with pytest.raises(IndexMismatchError) as err:
+        load_index(path, **expect)
+    message = str(err.value)
+    assert str(path) in message and f"index {field} is" in message and str(list(expect.values())[0]) in message
+    assert "sam-cls rebuild-index --run RUN_DIR" in message and "\n" not in message
+    with pytest.raises(IndexMismatchError, match="kind is 'flat' but 'ivf'"):
+        load_index(path, IndexParams(kind="ivf"))
+
+
+def test_corrupt_or_missing_file_is_a_clear_error(small, tmp_path):
+    path = tmp_path / "index.bin"
+    build_index(small[0], IndexParams(kind="ivf"), k=10).save(path)
+    good = path.read_bytes()
+    cases = {
+        "not a sam-cls index file": b"definitely not an index",
+        "truncated": good[: len(good) // 2],
+        "checksum mismatch": good[:-10] + bytes(b ^ 0xFF for b in good[-10:]),
+        "corrupt header": good[:16] + b"{not json" + good[25:],
+    }
+    for why, data in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(IndexMismatchError, match=why):
+            load_index(path)
+    with pytest.raises(IndexMismatchError, match="file not found"):
+        load_index(tmp_path / "absent.bin")
+    assert issubclass(IndexMismatchError, ValueError)
+
+
+# -- refresh ----------------------------------------------------------------------------------------------
+def test_ivf_refresh_keeps_the_trained_quantizer(small):
+    x, _ = small
+    index = build_index(x, IndexParams(kind="ivf"), k=10)
+    ivf = faiss.extract_index_ivf(index.index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist).clone()
+    moved = x.clone()
+    drift(moved, 0.3)
+    index.refresh(moved)
+    ivf = faiss.extract_index_ivf(index.index)
+    assert torch.equal(ivf.quantizer.reconstruct_n(0, ivf.nlist), centroids)
+    assert index.size == 2000
+    assert torch.equal(index.search(moved[:20], 1)[1].squeeze(1), torch.arange(20))  # new values are searched
+
+
+def test_refresher_rebuilds_every_r_steps(small):
+    memory = small[0].clone()
+    lines = []
+    refresher = IndexRefresher(memory, IndexParams(kind="flat"), k=10, rebuild_every=3, log=lines.append)
+    records = [refresher.step(step) for step in range(1, 11)]
+    assert [i + 1 for i, r in enumerate(records) if r] == [3, 6, 9] and refresher.rebuilds == 3
+    assert set(records[2]) >= {"reason", "seconds", "staleness_before", "recall_after", "kind"}
+    assert sum("index rebuild" in line for line in lines) == 3
+
+
+def test_refresher_auto_rebuilds_on_drift_only(small):
+    memory = small[0].clone()
+    refresher = IndexRefresher(memory, IndexParams(kind="ivf"), k=10, rebuild_every="auto",
+                               staleness_threshold=0.02, retrain_every=100)
+    assert all(refresher.step(step) is None for step in range(1, 6)) and refresher.staleness() == 0.0
+    drift(memory, 0.01)  # ~0.002 cosine drift: under the threshold
+    assert refresher.step(6) is None and 0 < refresher.staleness() < 0.02
+    drift(memory, 0.3, seed=1)
+    record = refresher.step(7)
+    assert record is not None and "staleness" in record["reason"] and record["staleness_before"] > 0.02
+    assert record["recall_after"] >= 0.9 and record["retrained"] is False
+    assert refresher.staleness() == pytest.approx(0.0, abs=1e-6) and refresher.rebuilds == 1
+    assert refresher.rebuild("evaluation")["retrained"] is True  # a forced rebuild retrains IVF
+
+
+def test_refresher_background_swaps_and_keeps_searching(small):
+    memory, queries = small[0].clone(), small[1]
+    refresher = IndexRefresher(memory, IndexParams(kind="ivf"), k=10, rebuild_every=1, background=True)
+    first = refresher.index
+    drift(memory, 0.3)
+    assert refresher.step(1) is None  # started, not finished
+    record, deadline = None, time.monotonic() + 30
+    while record is None and time.monotonic() < deadline:
+        assert refresher.search(queries, 10)[1].shape == (16, 10)  # the current index keeps serving
+        record = refresher.step(2)
+        time.sleep(0.01)
+    refresher.close()
+    assert record is not None and record["background"] and refresher.index is not first
+    assert torch.equal(refresher.search(memory[:20], 1)[1].squeeze(1), torch.arange(20))
+
+
+def test_same_seed_same_index_and_sample(clustered):
+    x, q = clustered
+    for kind in ("ivf", "ivfpq"):
+        a = build_index(x, IndexParams(kind=kind), k=100, seed=5).search(q, 100)
+        b = build_index(x, IndexParams(kind=kind), k=100, seed=5).search(q, 100)
+        assert torch.equal(a[1], b[1]), kind
+    memories = [x[:5000].clone(), x[:5000].clone()]
+    refreshers = [IndexRefresher(m, IndexParams(kind="ivf"), k=10, seed=3, staleness_sample=64) for m in memories]
+    for m in memories:
+        m[:2500] = F.normalize(m[:2500] + 0.3, dim=1)  # moves half the cells: the sample decides the value
+    assert refreshers[0].staleness() == refreshers[1].staleness()
+    other = IndexRefresher(x[:5000].clone(), IndexParams(kind="flat"), k=10, seed=4, staleness_sample=64)
+    other.memory[:2500] = memories[0][:2500]
+    assert other.staleness() != refreshers[0].staleness()
+
+
+# -- without faiss, and on the GPU ------------------------------------------------------------------------
+def test_without_faiss_torch_works_and_faiss_kinds_say_how_to_install():
+    code = """
+import sys
+sys.modules["faiss"] = None  # makes `import faiss` fail as it does where faiss is not installed
+import torch
+from sam_cls.index import IndexParams, build_index, recall_at_k
+x = torch.nn.functional.normalize(torch.randn(300, 8), dim=1)
+index = build_index(x, IndexParams(), k=5)
+assert index.kind == "torch" and recall_at_k(index, x, x[:4], 5)["recall_at_k"] == 1.0
+try:
+    build_index(x, IndexParams(kind="flat"), k=5)
+except ImportError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "faiss is not installed: pip install 'sam-cls[cpu]' (or 'sam-cls[gpu]' on a CUDA machine)" in out.stdout
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["flat", "ivf", "torch", "hnsw"])
+def test_cuda_queries_give_cuda_results(kind, small):
+    x, q = small
+    index = build_index(x.cuda(), IndexParams(kind=kind, device="cuda"), k=10)
+    scores, ids = index.search(q.cuda(), 10)
+    assert scores.is_cuda and ids.is_cuda
+    cpu = build_index(x, IndexParams(kind=kind), k=10).search(q, 10)[1]
+    assert (ids.cpu() == cpu).float().mean() > 0.95
+
+
+@cuda
+def test_cuda_large_k_is_exact_not_truncated(small):
+    x = small[0].repeat(2, 1).cuda()
+    index = build_index(x, IndexParams(kind="auto", device="cuda"), k=3000)
+    ids = index.search(x[:4], 3000)[1]
+    assert ids.shape == (4, 3000) and (ids >= 0).all()

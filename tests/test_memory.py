@@ -1,0 +1,34 @@
+import torch
+import torch.nn.functional as F
+
+from sam_cls.memory import MemoryBank
+
+
+def test_write_is_a_normalised_momentum_update_of_only_the_batch_cells():
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(10, 4, generator=g), dim=1)
+    bank = MemoryBank(emb.clone(), torch.arange(10) % 3)
+    u = F.normalize(torch.randn(2, 4, generator=g), dim=1)
+    ids = torch.tensor([1, 7])
+    bank.write(ids, u, eta=0.25, step=5)
+    expected = F.normalize(0.25 * emb[ids] + 0.75 * u, dim=1)
+    torch.testing.assert_close(bank.embeddings[ids], expected)
+    untouched = torch.tensor([0, 2, 3, 4, 5, 6, 8, 9])
+    torch.testing.assert_close(bank.embeddings[untouched], emb[untouched])
+    assert bank.last_written.tolist() == [0, 5, 0, 0, 0, 0, 0, 5, 0, 0]
+
+
+def test_replace_keeps_the_same_storage_for_views():
+    bank = MemoryBank(torch.zeros(3, 2), torch.zeros(3))
+    view = bank.embeddings
+    bank.replace(torch.ones(3, 2), step=2)
+    assert view.data_ptr() == bank.embeddings.data_ptr() and view.sum().item() == 6
+
+
+def test_shape_mismatch_is_a_clear_error():
+    try:
+        MemoryBank(torch.zeros(3, 2), torch.zeros(4))
+    except ValueError as e:
+        assert "(3, 2)" in str(e) and "(4,)" in str(e)
+    else:
+        raise AssertionError("mismatched labels accepted")

@@ -1,0 +1,69 @@
+import torch
+import torch.nn.functional as F
+
+from sam_cls.read import dense_read, exclusion_mask, sparse_read
+
+
+def make(n=60, d=8, b=5, c=4, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    memory = F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=1)
+    labels = torch.randint(0, c, (n,), generator=g)
+    u = F.normalize(torch.randn(b, d, generator=g, dtype=dtype), dim=1).requires_grad_()
+    return u, memory, labels
+
+
+def test_sparse_with_all_cells_equals_dense_values_and_gradients():
+    u, memory, labels = make()
+    ids = torch.arange(len(memory)).expand(u.shape[0], -1)
+    target = torch.tensor([0, 1, 2, 3, 0])
+    sparse = sparse_read(u, ids, memory, labels, 4, 0.1)
+    (g_sparse,) = torch.autograd.grad(F.nll_loss(sparse, target), u)
+    dense = dense_read(u, memory, labels, 4, 0.1, chunk=7)  # chunk not dividing N exercises the tail
+    (g_dense,) = torch.autograd.grad(F.nll_loss(dense, target), u)
+    torch.testing.assert_close(sparse, dense)
+    torch.testing.assert_close(g_sparse, g_dense)
+
+
+def test_exclusion_matches_between_sparse_and_dense():
+    u, memory, labels = make()
+    own = torch.tensor([3, 10, 59, 0, 17])
+    ids = torch.arange(len(memory)).expand(u.shape[0], -1)
+    sparse = sparse_read(u, ids, memory, labels, 4, 0.2, exclude=ids == own.unsqueeze(1))
+    dense = dense_read(u, memory, labels, 4, 0.2, exclude_ids=own, chunk=16)
+    torch.testing.assert_close(sparse, dense)
+    # A query's excluded cell must not matter to it: moving that cell changes nothing.
+    moved = memory.clone()
+    moved[own[0]] = -moved[own[0]]
+    again = dense_read(u[:1], moved, labels, 4, 0.2, exclude_ids=own[:1], chunk=16)
+    torch.testing.assert_close(dense[:1], again)
+
+
+def test_dense_read_gradcheck_float64():
+    u, memory, labels = make(n=23, d=5, b=3, c=3)
+    own = torch.tensor([0, 5, 22])
+    weights = torch.randn(3, 3, dtype=torch.float64)  # a generic upstream gradient, not only NLL's
+    assert torch.autograd.gradcheck(
+        lambda x: (dense_read(x, memory, labels, 3, 0.3, exclude_ids=own, chunk=4) * weights).sum(), (u,)
+    )
+
+
+def test_sparse_read_gradcheck_float64():
+    u, memory, labels = make(n=23, d=5, b=3, c=3)
+    ids = torch.randint(0, 23, (3, 6), generator=torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(lambda x: sparse_read(x, ids, memory, labels, 3, 0.3).sum(), (u,))
+
+
+def test_log_probs_are_normalised_and_match_a_direct_softmax():
+    u, memory, labels = make(dtype=torch.float32)
+    log_probs = dense_read(u, memory, labels, 4, 0.05, chunk=9)
+    torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(u.shape[0]))
+    p = torch.softmax(u @ memory.T / 0.05, dim=1)
+    direct = (p @ F.one_hot(labels, 4).float()).log()
+    torch.testing.assert_close(log_probs, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_exclusion_mask_keeps_exactly_k():
+    ids = torch.tensor([[4, 2, 9], [1, 7, 3]])
+    mask = exclusion_mask(ids, torch.tensor([2, 8]))
+    assert mask.tolist() == [[False, True, False], [False, False, True]]
+    assert (mask.sum(1) == 1).all()
