@@ -63,7 +63,7 @@ def build_index(
     *,
     seed: int = 0,
 ) -> MemoryIndex:
-    """Index L2-normalised (N, d) cells for inner-product top-k search; kind="auto" picks by N, d, k, device."""
+    """Index L2-normalised (N, d) cells for inner-product top-k; kind="auto" picks by N, d, k and device."""
     vectors = check_vectors(vectors)
     n, d = vectors.shape
     if not 1 <= k <= n:
@@ -85,22 +85,32 @@ def load_index(
     expect_dim: int | None = None,
     expect_size: int | None = None,
 ) -> MemoryIndex:
-    """Load a saved index, verifying kind, metric, dim and size; params place it and may override search knobs."""
+    """Load a saved index, checking kind, metric, dim and size; params place it and may set search knobs."""
     header, payload = read_index_file(path)
     params = params or IndexParams()
     kind = header.get("kind")
-    check_header(path, header, {
-        "metric": METRIC,
-        "dim": expect_dim,
-        "size": expect_size,
-        "kind": None if params.kind == "auto" else params.kind,
-    })
+    check_header(
+        path,
+        header,
+        {
+            "metric": METRIC,
+            "dim": expect_dim,
+            "size": expect_size,
+            "kind": None if params.kind == "auto" else params.kind,
+        },
+    )
     params = replace(params, kind=kind)
     dim, size = header.get("dim"), header.get("size")
+    if not (isinstance(dim, int) and isinstance(size, int) and dim > 0 and size > 0):
+        raise IndexMismatchError(
+            f"{path}: corrupt header (dim={dim!r}, size={size!r}); {REBUILD_HINT} to rebuild it"
+        )
     if kind == "torch":
         if len(payload) != size * dim * 4:
-            raise IndexMismatchError(f"{path}: payload holds {len(payload)} bytes, not {size}x{dim} float32 cells; "
-                                     f"{REBUILD_HINT} to rebuild it")
+            raise IndexMismatchError(
+                f"{path}: payload holds {len(payload)} bytes, not {size}x{dim} float32 cells; "
+                f"{REBUILD_HINT} to rebuild it"
+            )
         vectors = torch.frombuffer(payload, dtype=torch.float32).view(size, dim)
         return TorchExactIndex(vectors, params.device)
     if kind not in FAISS_KINDS:
@@ -109,9 +119,16 @@ def load_index(
     try:
         index = faiss_from_bytes(payload, kind, params, header.get("factory", kind))
     except RuntimeError as e:  # faiss raises RuntimeError on a payload it cannot parse
-        raise IndexMismatchError(f"{path}: faiss cannot read the index ({str(e).splitlines()[0]}); "
-                                 f"{REBUILD_HINT} to rebuild it") from e
+        raise IndexMismatchError(
+            f"{path}: faiss cannot read the index ({str(e).splitlines()[0]}); {REBUILD_HINT} to rebuild it"
+        ) from e
     # The header was checked; the faiss payload must agree with it.
-    metric = METRIC if index.metric == require_faiss().METRIC_INNER_PRODUCT else f"faiss metric {index.metric}"
-    check_header(path, {"dim": index.dim, "size": index.size, "metric": metric}, {"dim": dim, "size": size, "metric": METRIC})
+    metric = (
+        METRIC if index.metric == require_faiss().METRIC_INNER_PRODUCT else f"faiss metric {index.metric}"
+    )
+    check_header(
+        path,
+        {"dim": index.dim, "size": index.size, "metric": metric},
+        {"dim": dim, "size": size, "metric": METRIC},
+    )
     return index

@@ -61,8 +61,13 @@ class MemoryIndex(ABC):
 
     def header(self) -> dict:
         """The metadata saved with the index and checked by load_index."""
-        return {"kind": self.kind, "metric": METRIC, "dim": self.dim, "size": self.size,
-                "description": self.description}
+        return {
+            "kind": self.kind,
+            "metric": METRIC,
+            "dim": self.dim,
+            "size": self.size,
+            "description": self.description,
+        }
 
     @abstractmethod
     def _payload(self) -> tuple[str, object]:

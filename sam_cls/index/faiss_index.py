@@ -29,6 +29,18 @@ FAISS_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 CPU_ONLY_KINDS = ("hnsw", "ivfpq")
 
 
+@contextmanager
+def omp_threads(n: int):
+    """Run faiss with n OpenMP threads in this thread only (OpenMP thread counts are per calling thread)."""
+    faiss = require_faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def factory_string(kind: str, n: int, d: int, k: int, params: IndexParams) -> str:
     """The index_factory string for a kind, with N/d/k-derived defaults for unset knobs."""
     if kind == "flat":
@@ -37,7 +49,9 @@ def factory_string(kind: str, n: int, d: int, k: int, params: IndexParams) -> st
         return f"HNSW{params.hnsw_m or HNSW_M},Flat"
     nlist = params.nlist or default_nlist(n)
     if nlist > n:
-        raise ValueError(f"nlist={nlist} is more than the {n} cells to index: lower nlist (default {default_nlist(n)})")
+        raise ValueError(
+            f"nlist={nlist} is more than the {n} cells to index: lower nlist (default {default_nlist(n)})"
+        )
     if kind == "ivf":
         return f"IVF{nlist},Flat"
     if kind == "ivfpq":
@@ -45,7 +59,9 @@ def factory_string(kind: str, n: int, d: int, k: int, params: IndexParams) -> st
         if d % m:
             raise ValueError(f"pq_m={m} must divide the embedding dimension {d} (default {default_pq_m(d)})")
         if n < 16:
-            raise ValueError(f"ivfpq needs at least 16 cells to train its 4-bit codebooks, got {n}: use kind='flat'")
+            raise ValueError(
+                f"ivfpq needs at least 16 cells to train its 4-bit codebooks, got {n}: use kind='flat'"
+            )
         # 4-bit fast-scan PQ ranks candidates; the SQ8 codes (d bytes a cell) re-rank k_factor*k of them.
         # Chosen over 8-bit PQ alone (recall@256 0.92-0.96 at N=2e4, d=64, and 20-40 s to train) and over an
         # SQ4 refine (0.94): this reaches the IVF recall ceiling and trains in well under a second.
@@ -108,10 +124,15 @@ class FaissIndex(MemoryIndex):
             ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
             ivf.cp.seed = seed  # faiss k-means has its own RNG: seed it for reproducible lists
             ivf.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
+            # Coarse k-means on all threads; it fills the quantizer, so index.train skips it.
+            faiss.Clustering(d, ivf.nlist, ivf.cp).train(x.numpy(), ivf.quantizer)
             if kind == "ivfpq":
                 ivf.pq.cp.seed = seed
                 index.k_factor = REFINE_K_FACTOR
-            index.train(x)
+            # What is left (PQ codebooks, SQ8 ranges) is thousands of tiny k-means steps: barrier-bound, and
+            # 50x slower on 2 threads than on 1 when another process holds a core. One thread costs < 1 s.
+            with omp_threads(1):
+                index.train(x)
             ivf.nprobe = min(params.nprobe or default_nprobe(n, ivf.nlist, k), ivf.nlist)
         elif kind == "hnsw":
             index.hnsw.efSearch = params.ef_search or default_ef_search(k)
@@ -173,9 +194,15 @@ class FaissIndex(MemoryIndex):
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.on_gpu:
             if k > GPU_MAX_K:
-                raise ValueError(f"k={k} is above the faiss GPU limit {GPU_MAX_K}: use kind='torch' or device='cpu'")
+                raise ValueError(
+                    f"k={k} is above the faiss GPU limit {GPU_MAX_K}: use kind='torch' or device='cpu'"
+                )
             # A GPU index reads host memory or its own device; other devices must copy.
-            x = queries if queries.device in (torch.device("cpu"), self.gpu_device) else queries.to(self.gpu_device)
+            x = (
+                queries
+                if queries.device in (torch.device("cpu"), self.gpu_device)
+                else queries.to(self.gpu_device)
+            )
         else:
             x = queries.cpu()
         scores, ids = self.index.search(x, k)
@@ -190,12 +217,14 @@ class FaissIndex(MemoryIndex):
         self.add(x)
 
     def rebuilder(self) -> Callable[[torch.Tensor], FaissIndex]:
-        """A function indexing new values with this index's training and knobs; safe to call in a worker thread."""
+        """A function indexing new values with this training and these knobs; safe in a worker thread."""
         faiss, template = self.faiss, self._template_bytes()
         kind, params, factory, k, log = self.kind, self.params, self.factory, self.k, self._log
 
         def make(vectors: torch.Tensor) -> FaissIndex:
-            new = FaissIndex(faiss.deserialize_index(template), kind, params, factory, k, template, log, place=False)
+            new = FaissIndex(
+                faiss.deserialize_index(template), kind, params, factory, k, template, log, place=False
+            )
             new.add(check_vectors(vectors))
             return new
 
@@ -255,7 +284,7 @@ class FaissIndex(MemoryIndex):
             self._set(knob, old)
 
     def _fill_missing(self, x: torch.Tensor, k: int, scores: torch.Tensor, ids: torch.Tensor) -> None:
-        """Re-search rows that came back with -1 ids, widening nprobe / efSearch 4x a time up to exhaustive."""
+        """Re-search rows that came back with -1 ids, widening nprobe / efSearch 4x a time."""
         rows = (ids < 0).any(1).nonzero().squeeze(1)
         if self.kind in IVF_KINDS:
             nlist = int(self.index.nlist if self.on_gpu else self.faiss.extract_index_ivf(self.index).nlist)

@@ -38,9 +38,16 @@ def timed_ms(fn, repeats: int = 1):
 def recall_at_k(
     index: MemoryIndex, vectors: torch.Tensor, queries: torch.Tensor, k: int, repeats: int = 1
 ) -> dict:
-    """Share of the exact top-k ids (over `vectors`) that the index also returns, with per-batch search times."""
+    """Share of the exact top-k ids (over `vectors`) the index also returns, and per-batch search times."""
     (_, approx), search_ms = timed_ms(lambda: index.search(queries, k), repeats)
-    (_, exact), exact_ms = timed_ms(lambda: exact_search(vectors.detach().float(), queries.detach().float(), k), repeats)
+    (_, exact), exact_ms = timed_ms(
+        lambda: exact_search(vectors.detach().float(), queries.detach().float(), k), repeats
+    )
     recall = knn_intersection_measure(approx.cpu().numpy(), exact.cpu().numpy())
-    return {"recall_at_k": float(recall), "search_ms": round(search_ms, 3), "exact_search_ms": round(exact_ms, 3),
-            "k": k, "n_queries": int(queries.shape[0])}
+    return {
+        "recall_at_k": float(recall),
+        "search_ms": round(search_ms, 3),
+        "exact_search_ms": round(exact_ms, 3),
+        "k": k,
+        "n_queries": int(queries.shape[0]),
+    }

@@ -16,7 +16,7 @@ from .faiss_index import FaissIndex
 from .params import IVF_KINDS, IndexParams
 from .recall import recall_at_k
 
-# A refresh that re-adds to the old coarse quantizer and falls below this recall makes the next rebuild retrain.
+# A refresh re-using the old quantizer that falls below this recall makes the next rebuild retrain.
 RECALL_FLOOR = 0.9
 
 
@@ -44,7 +44,9 @@ class IndexRefresher:
         staleness_sample: int = 1024,
     ):
         if rebuild_every != "auto" and not (isinstance(rebuild_every, int) and rebuild_every >= 1):
-            raise ValueError(f"rebuild_every must be a positive number of steps or 'auto', got {rebuild_every!r}")
+            raise ValueError(
+                f"rebuild_every must be a positive number of steps or 'auto', got {rebuild_every!r}"
+            )
         if retrain_every < 1:
             raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")
         self.memory, self.k, self.seed = memory, k, seed
@@ -57,19 +59,24 @@ class IndexRefresher:
         self._steps_since = 0  # steps since the memory was last snapshotted for an index
         self._since_retrain = 0  # IVF rebuilds that re-used the quantizer since it was last trained
         self._retrain_next = False
-        self._worker: threading.Thread | None = None
-        self._result: tuple | None = None
-        self._error: BaseException | None = None
+        self._worker: threading.Thread | None = None  # the background build, while one runs
+        self._job: dict | None = None  # what it was started from
+        self._built: tuple | None = None  # (index, recall, seconds) once it is done
+        self._error: Exception | None = None
 
         start = time.perf_counter()
         snapshot = memory.detach()
         self._draw_samples(snapshot.shape[0])
         self.index: MemoryIndex = build_index(snapshot, params, k, log=self.log, seed=seed)
         # Resolved kind and knobs, so later builds neither re-run "auto" nor change nprobe / efSearch.
-        self.params = self.index.params if isinstance(self.index, FaissIndex) else replace(params, kind="torch")
+        self.params = (
+            self.index.params if isinstance(self.index, FaissIndex) else replace(params, kind="torch")
+        )
         self._indexed_sample = snapshot[self._sample_ids].clone()
-        self.log(f"index built: {self.index.description}, {self.index.size} cells, "
-                 f"{time.perf_counter() - start:.2f}s")
+        self.log(
+            f"index built: {self.index.description}, {self.index.size} cells, "
+            f"{time.perf_counter() - start:.2f}s"
+        )
 
     # -- searching and policy -------------------------------------------------------------------------
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +84,10 @@ class IndexRefresher:
         return self.index.search(queries, k)
 
     def staleness(self) -> float:
-        """Mean cosine drift (1 - cos) of a fixed sample of cells between the index's values and the memory's."""
+        """Mean cosine drift (1 - cos) of a fixed cell sample between its indexed and current values."""
         current = self.memory.detach()[self._sample_ids].float()
-        return float((1.0 - F.cosine_similarity(current, self._indexed_sample, dim=1)).mean())
+        # clamp: rounding can put cos a hair above 1 for unchanged cells
+        return float((1.0 - F.cosine_similarity(current, self._indexed_sample, dim=1)).clamp_min(0).mean())
 
     def step(self, step: int) -> dict | None:
         """Call after each training step's memory write; returns the rebuild record when one completes."""
@@ -98,17 +106,15 @@ class IndexRefresher:
         return self._rebuild_now(reason, retrain=self._retrain_due(), step=step)
 
     def rebuild(self, reason: str, retrain: bool = True) -> dict:
-        """Forced rebuild from the current memory (e.g. before evaluation); IVF kinds retrain unless told not to."""
-        if self._worker is not None:  # its snapshot is older than the memory now: finish it and drop it
-            self._worker.join()
-            self._worker, self._result, self._error = None, None, None
+        """Forced rebuild from the current memory (e.g. before evaluation); IVF kinds retrain by default."""
+        self.close()  # a background build's snapshot is older than the memory now: drop it
         return self._rebuild_now(reason, retrain=retrain)
 
     def close(self) -> None:
         """Wait for a background build, if any, and drop its result."""
         if self._worker is not None:
             self._worker.join()
-            self._worker = self._result = None
+        self._worker = self._built = self._error = self._job = None
 
     def _due(self) -> str | None:
         """Why a rebuild is due now, or None."""
@@ -116,11 +122,17 @@ class IndexRefresher:
             return f"memory has {self.memory.shape[0]} cells, index {self.index.size}"
         if self.rebuild_every == "auto":
             drift = self.staleness()
-            return f"staleness {drift:.4f} > {self.staleness_threshold}" if drift > self.staleness_threshold else None
+            return (
+                f"staleness {drift:.4f} > {self.staleness_threshold}"
+                if drift > self.staleness_threshold
+                else None
+            )
         return f"every {self.rebuild_every} steps" if self._steps_since >= self.rebuild_every else None
 
     def _retrain_due(self) -> bool:
-        return self.index.kind in IVF_KINDS and (self._retrain_next or self._since_retrain + 1 >= self.retrain_every)
+        return self.index.kind in IVF_KINDS and (
+            self._retrain_next or self._since_retrain + 1 >= self.retrain_every
+        )
 
     # -- building -------------------------------------------------------------------------------------
     def _samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,16 +168,23 @@ class IndexRefresher:
             self.index.refresh(snapshot)
         self._steps_since = 0
         recall = self._recall(self.index, snapshot)
-        return self._install(snapshot, reason, start, before, recall, retrained, step, background=False)
+        job = {"snapshot": snapshot, "reason": reason, "before": before, "retrained": retrained, "step": step}
+        return self._install(job, recall, time.perf_counter() - start, background=False)
 
     def _start(self, reason: str, step: int) -> None:
         """Snapshot the memory and build the next index from it in a worker thread."""
         snapshot = self.memory.detach().clone()
         resized = snapshot.shape[0] != self.index.size
-        before = None if resized else self.staleness()
         retrain = self._retrain_due() or (resized and self.index.kind in IVF_KINDS)
+        self._job = {
+            "snapshot": snapshot,
+            "reason": reason,
+            "before": None if resized else self.staleness(),
+            "retrained": retrain,
+            "step": step,
+        }
+        # Everything the worker needs from the current index is read here, in the searching thread.
         kind, params, k, seed = self.index.kind, self.params, self.k, self.seed
-        # Read everything the worker needs from the current index here, in the searching thread.
         make = None if retrain else self.index.rebuilder()
         self._steps_since = 0
 
@@ -176,7 +195,7 @@ class IndexRefresher:
                     index = FaissIndex.build(snapshot, kind, params, k, seed=seed, place=False)
                 else:
                     index = make(snapshot)
-                self._result = (index, snapshot, reason, start, before, self._recall(index, snapshot), retrain, step)
+                self._built = (index, self._recall(index, snapshot), time.perf_counter() - start)
             except Exception as e:  # noqa: BLE001 -- kept and re-raised in the training thread by _collect
                 self._error = e
 
@@ -188,28 +207,38 @@ class IndexRefresher:
         if self._worker is None or self._worker.is_alive():
             return None
         self._worker.join()
-        self._worker, result, error = None, self._result, self._error
-        self._result = self._error = None
+        built, error, job = self._built, self._error, self._job
+        self._worker = self._built = self._error = self._job = None
         if error is not None:
             raise RuntimeError(f"background index rebuild failed: {error}") from error
-        index, snapshot, reason, start, before, recall, retrained, step = result
+        index, recall, seconds = built
         index.place()  # GPU placement happens here, in the searching thread that owns the GPU resources
         self.index = index
-        return self._install(snapshot, reason, start, before, recall, retrained, step, background=True)
+        return self._install(job, recall, seconds, background=True)
 
-    def _install(self, snapshot, reason, start, before, recall, retrained, step, background) -> dict:
+    def _install(self, job: dict, recall: float | None, seconds: float, background: bool) -> dict:
         """Book-keeping after a rebuild: the indexed sample, retrain schedule, record and log line."""
+        snapshot, before, retrained = job["snapshot"], job["before"], job["retrained"]
         if snapshot.shape[0] != self._sampled_n:  # the memory was resized: draw a new fixed sample
             self._draw_samples(snapshot.shape[0])
         self._indexed_sample = snapshot[self._sample_ids].clone()
         self.rebuilds += 1
         self._since_retrain = 0 if retrained else self._since_retrain + 1
         self._retrain_next = recall is not None and recall < RECALL_FLOOR and self.index.kind in IVF_KINDS
-        record = {"reason": reason, "seconds": round(time.perf_counter() - start, 4),
-                  "staleness_before": None if before is None else round(before, 6), "recall_after": recall,
-                  "kind": self.index.kind, "retrained": retrained, "background": background, "step": step}
+        record = {
+            "reason": job["reason"],
+            "seconds": round(seconds, 4),
+            "staleness_before": None if before is None else round(before, 6),
+            "recall_after": recall,
+            "kind": self.index.kind,
+            "retrained": retrained,
+            "background": background,
+            "step": job["step"],
+        }
         self.history.append(record)
-        self.log(f"index rebuild {self.rebuilds} ({reason}): {self.index.kind} in {record['seconds']:.2f}s, "
-                 f"staleness {record['staleness_before']} -> 0, recall@{self.k} {recall}, retrained {retrained}"
-                 f"{', background' if background else ''}")
+        self.log(
+            f"index rebuild {self.rebuilds} ({job['reason']}): {self.index.kind} in {seconds:.2f}s, "
+            f"staleness {record['staleness_before']} -> 0, recall@{self.k} {recall}, retrained {retrained}"
+            f"{', background' if background else ''}"
+        )
         return record

@@ -14,7 +14,7 @@ REBUILD_HINT = "run `sam-cls rebuild-index --run RUN_DIR`"
 
 
 class IndexMismatchError(ValueError):
-    """A saved index does not fit what the caller expects, or cannot be read; the message says how to fix it."""
+    """A saved index does not fit what the caller expects, or cannot be read; the message says the fix."""
 
 
 def write_index_file(path: str | Path, header: dict, payload) -> None:
@@ -22,7 +22,12 @@ def write_index_file(path: str | Path, header: dict, payload) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     view = memoryview(payload).cast("B")
-    header = {**header, "format": FORMAT_VERSION, "payload_bytes": view.nbytes, "payload_crc32": zlib.crc32(view)}
+    header = {
+        **header,
+        "format": FORMAT_VERSION,
+        "payload_bytes": view.nbytes,
+        "payload_crc32": zlib.crc32(view),
+    }
     head = json.dumps(header, sort_keys=True).encode()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

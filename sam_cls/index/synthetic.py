@@ -1,4 +1,4 @@
-"""Clustered, L2-normalised synthetic embeddings: a stand-in for a trained memory in index tests and benchmarks."""
+"""Clustered, L2-normalised synthetic embeddings: a trained memory's stand-in in index tests and benches."""
 
 from __future__ import annotations
 
@@ -22,6 +22,5 @@ def clustered_embeddings(
     for i in range(0, total, step):
         m = min(step, total - i)
         labels = torch.randint(clusters, (m,), generator=gen)
-        points[i : i + m] = centres[labels] + torch.randn(m, d, generator=gen) / d**0.5
-    points = F.normalize(points, dim=1)
-    return points[:n].contiguous(), points[n:].contiguous()
+        points[i : i + m] = F.normalize(centres[labels] + torch.randn(m, d, generator=gen) / d**0.5, dim=1)
+    return points[:n], points[n:]

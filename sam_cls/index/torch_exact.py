@@ -1,4 +1,4 @@
-"""Exact top-k by chunked matmul + topk on any torch device: the CUDA back-end without faiss GPU, and the reference."""
+"""Exact top-k by chunked matmul + topk on any torch device: CUDA without faiss GPU, and the reference."""
 
 from __future__ import annotations
 

@@ -1,0 +1,142 @@
+"""Index back-ends on synthetic clustered cells: build time, search time, recall@K and bytes per cell.
+
+    python benchmarks/index_bench.py                      # N = 1e4, 1e5, 1e6 at d=128, K=256
+    python benchmarks/index_bench.py --quick              # N = 1e4 only: a smoke run
+    python benchmarks/index_bench.py --sizes 1e7 --max-n 1e7 --kinds flat,ivf,ivfpq
+
+Each row of the JSON output (a list) has n_cells, dim, index, device, build_s, search_ms (median over
+--repeats of one batch of --queries queries), recall_at_k (top-K id overlap with exact search), k and
+bytes_per_cell (saved index file size / N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sam_cls.index import IndexParams, build_index, exact_search
+from sam_cls.index.recall import knn_intersection_measure, timed_ms
+from sam_cls.index.synthetic import clustered_embeddings
+
+KINDS = ("flat", "ivf", "ivfpq", "hnsw", "torch")
+# Peak memory of one size's run in units of the raw cells (N*d*4): the cells, one index, its serialized copy
+# and slack; sizes that would not fit in the available RAM are skipped, not swapped.
+PEAK_RAW_COPIES = 4
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'1e4,1e5' -> [10000, 100000]."""
+    return [int(float(s)) for s in text.split(",") if s.strip()]
+
+
+def available_ram() -> int:
+    """Bytes of RAM free now, or a large number where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def bench_kind(
+    kind: str,
+    x: torch.Tensor,
+    q: torch.Tensor,
+    exact_ids: torch.Tensor,
+    k: int,
+    repeats: int,
+    device: str,
+    seed: int,
+) -> dict:
+    """Build, time and measure one back-end on one memory."""
+    n, d = x.shape
+    start = time.perf_counter()
+    index = build_index(x, IndexParams(kind=kind, device=device), k=k, seed=seed)
+    build_s = time.perf_counter() - start
+    queries = q.to(device)
+    index.search(queries, k)  # warm-up: first-call allocations and thread start-up are not search time
+    (_, ids), search_ms = timed_ms(lambda: index.search(queries, k), repeats)
+    recall = knn_intersection_measure(ids.cpu().numpy(), exact_ids.numpy())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "index.bin"
+        index.save(path)
+        bytes_per_cell = path.stat().st_size / n
+    row = {
+        "n_cells": n,
+        "dim": d,
+        "index": kind,
+        "device": device,
+        "build_s": round(build_s, 3),
+        "search_ms": round(search_ms, 2),
+        "recall_at_k": round(float(recall), 4),
+        "k": k,
+        "bytes_per_cell": round(bytes_per_cell, 1),
+        "description": index.description,
+    }
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1e4,1e5,1e6", help="comma-separated cell counts")
+    ap.add_argument("--max-n", type=float, default=1e6, help="skip sizes above this (raise it for 1e7)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated back-ends")
+    ap.add_argument("--hnsw-max-n", type=float, default=1e6, help="skip hnsw above this N (slow to build)")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--k", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=256, help="queries per timed batch")
+    ap.add_argument("--clusters", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=5, help="timed searches; the median is reported")
+    ap.add_argument("--device", default="cpu", help="torch device for the index and queries")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results/index_bench.json")
+    ap.add_argument("--quick", action="store_true", help="N=1e4 and 2 repeats: a smoke run")
+    args = ap.parse_args()
+    sizes = [10_000] if args.quick else parse_sizes(args.sizes)
+    repeats = 2 if args.quick else args.repeats
+    kinds = [s.strip() for s in args.kinds.split(",") if s.strip()]
+    for kind in kinds:
+        if kind not in KINDS:
+            ap.error(f"unknown kind {kind!r}: choose from {', '.join(KINDS)}")
+
+    rows: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns = ("n_cells", 9), ("index", 6), ("build_s", 8), ("search_ms", 10), ("recall", 7), ("B/cell", 7)
+    print(" ".join(f"{name:>{width}}" for name, width in columns) + "  description")
+    for n in sizes:
+        if n > args.max_n:
+            print(f"skip N={n}: above --max-n {args.max_n:.0f}")
+            continue
+        need = PEAK_RAW_COPIES * n * args.dim * 4
+        if need > available_ram():
+            print(f"skip N={n}: needs ~{need / 2**30:.1f} GiB, {available_ram() / 2**30:.1f} GiB free")
+            continue
+        x, q = clustered_embeddings(n, args.dim, args.clusters, args.seed, n_queries=args.queries)
+        exact_ids = exact_search(x, q, args.k)[1]
+        for kind in kinds:
+            if kind == "hnsw" and n > args.hnsw_max_n:
+                print(f"{n:>9} {kind:>6}  skipped: N above --hnsw-max-n {args.hnsw_max_n:.0f}")
+                continue
+            row = bench_kind(kind, x, q, exact_ids, args.k, repeats, args.device, args.seed)
+            rows.append(row)
+            print(
+                f"{n:>9} {kind:>6} {row['build_s']:>8.2f} {row['search_ms']:>10.2f} "
+                f"{row['recall_at_k']:>7.4f} {row['bytes_per_cell']:>7.1f}  {row['description']}",
+                flush=True,
+            )
+            # Written after every row, so a long run that is stopped keeps what it measured.
+            out.write_text(json.dumps(rows, indent=1) + "\n")
+        del x, q, exact_ids
+        gc.collect()
+    print(f"wrote {len(rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+    main()
