@@ -20,7 +20,6 @@ class RunDir:
         self.path = Path(path)
         self.config = self.path / "config.yaml"
         self.checkpoint = self.path / "checkpoint.pt"
-        self.memory = self.path / "memory.pt"
         self.index = self.path / "index.faiss"
         self.metrics = self.path / "metrics.jsonl"
 
@@ -52,8 +51,13 @@ class RunDir:
         """Drop metrics of epochs whose checkpoint never landed, so a resumed run does not repeat lines."""
         if not self.metrics.is_file():
             return
-        lines = [ln for ln in self.metrics.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["epoch"] <= epochs_done]
+        kept = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] <= epochs_done:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by an interrupted write
         self.metrics.write_text("".join(ln + "\n" for ln in kept))
 
 

@@ -34,7 +34,9 @@ def friendly_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, CheckpointError, DatasetError, IndexMismatchError, TrainingError, ImportError) as e:
+        # ValueError too: torch, faiss and the index layer reject impossible values (e.g. nlist > N) with it.
+        except (ConfigError, CheckpointError, DatasetError, IndexMismatchError, TrainingError, ImportError,
+                ValueError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -46,11 +48,11 @@ def index_options(fn):
     for opt in reversed([
         click.option("--index", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw", "torch"]),
                      help="ANN back-end over the memory (auto chooses by N, d, K and device)."),
-        click.option("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))."),
-        click.option("--nprobe", type=int, help="IVF lists searched per query."),
-        click.option("--pq-m", type=int, help="PQ sub-quantizers for --index ivfpq."),
-        click.option("--hnsw-m", type=int, help="HNSW graph degree."),
-        click.option("--ef-search", type=int, help="HNSW search breadth (>= K)."),
+        click.option("--nlist", type=click.IntRange(min=1), help="IVF lists (default about 4 sqrt(N))."),
+        click.option("--nprobe", type=click.IntRange(min=1), help="IVF lists searched per query."),
+        click.option("--pq-m", type=click.IntRange(min=1), help="PQ sub-quantizers for --index ivfpq."),
+        click.option("--hnsw-m", type=click.IntRange(min=1), help="HNSW graph degree."),
+        click.option("--ef-search", type=click.IntRange(min=1), help="HNSW search breadth (>= K)."),
         click.option("--fp16/--no-fp16", default=None, help="Float16 storage for a GPU index."),
     ]):
         fn = opt(fn)
@@ -67,11 +69,13 @@ def main() -> None:
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML run config; CLI options override it.")
 @click.option("--dataset", help="mnist, fashion-mnist, cifar10, cifar100, imagefolder or synthetic.")
 @click.option("--data-dir", help="Folder holding the data set (default ./data).")
+@click.option("--validation", type=float, help="Hold out this share of train; report accuracy on it, not test.")
 @click.option("--encoder", help="linear, conv1 (Conv-MaxPool-ReLU-Linear) or cnn.")
 @click.option("--dim", type=int, help="Embedding dimension.")
 @click.option("--topk", type=int, help="Cells read per query (K); 0 = dense exact read over all cells.")
 @click.option("--temperature", type=float, help="Softmax temperature tau.")
 @click.option("--eta", type=float, help="Memory write momentum.")
+@click.option("--head", type=click.Choice(["memory", "softmax"]), help="softmax: the parametric baseline.")
 @click.option("--support-sample", type=int, help="The seed method: M random support images per batch (no index).")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
@@ -89,18 +93,22 @@ def train(config_file, resume, as_json, **options) -> None:
     """Train an encoder and its memory; writes a run directory."""
     from sam_cls.train import train as run_training
 
-    cfg = make_config(config_file, **options)
-    if resume and options.get("out"):
-        # A resumed run keeps its own config; options given now (e.g. more --epochs) override it.
+    if resume:
         from sam_cls.checkpoint import RunDir
+        from sam_cls.config import ConfigError
 
+        if config_file or not options.get("out"):
+            raise ConfigError("--resume continues the run in --out RUN_DIR with its own config: give --out, not --config")
+        # Options given now (e.g. more --epochs) override the run's own config.
         cfg = RunDir(options["out"]).load_config(**options)
+    else:
+        cfg = make_config(config_file, **options)
     report(run_training(cfg, resume=resume, log=log), as_json)
 
 
 @main.command()
 @click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")
-@click.option("--topk", type=int, help="Cells read per test image (default: the run's K).")
+@click.option("--topk", type=click.IntRange(min=0), help="Cells read per test image (default: the run's K).")
 @click.option("--data-dir", help="Override the run's data folder.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--json", "as_json", is_flag=True)
@@ -125,18 +133,17 @@ def rebuild_index(run_dir, data_dir, device, as_json, **options) -> None:
     from sam_cls.train import index_params
 
     loaded = load_run(run_dir, data_dir, device, log)
-    cfg = make_config(None, **{**loaded.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})
+    cfg = make_config(None, **{**loaded.cfg.to_dict(), **options})
     result = rebuild_run_index(loaded, index_params(cfg, loaded.device), log)
-    if options.get("index"):
-        # Later reads of this run should use the back-end it now has.
-        loaded.run.save_config(make_config(None, **{**loaded.cfg.to_dict(), "index": options["index"]}))
+    # Later reads of this run use the back-end and knobs it now has (data_dir stays the run's own).
+    loaded.run.save_config(make_config(None, **{**cfg.to_dict(), "data_dir": loaded.run.load_config().data_dir}))
     report(result, as_json)
 
 
 @main.command("index-stats")
 @click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")
-@click.option("--topk", type=int, help="K for recall@K (default: the run's K).")
-@click.option("--queries", type=int, default=1000, show_default=True, help="Test images used as queries.")
+@click.option("--topk", type=click.IntRange(min=1), help="K for recall@K (default: the run's K).")
+@click.option("--queries", type=click.IntRange(min=1), default=1000, show_default=True, help="Test images used as queries.")
 @click.option("--data-dir", help="Override the run's data folder.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--json", "as_json", is_flag=True)

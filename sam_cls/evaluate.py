@@ -50,3 +50,15 @@ def accuracy(
         log_probs, _ = classify(u[i : i + batch_size], memory, index, topk, num_classes, temperature)
         correct += (log_probs.argmax(1).cpu() == labels[i : i + batch_size].cpu()).sum().item()
     return 100.0 * correct / len(labels)
+
+
+@torch.no_grad()
+def head_accuracy(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
+    """Percent correct of the softmax head (the parametric baseline)."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    correct = sum((encoder.logits(images[i : i + batch_size].to(device)).argmax(1).cpu()
+                   == labels[i : i + batch_size].cpu()).sum().item() for i in range(0, len(images), batch_size))
+    encoder.train(was_training)
+    return 100.0 * correct / len(labels)

@@ -10,9 +10,10 @@ ENCODERS = ("linear", "conv1", "cnn")
 class Encoder(nn.Module):
     """Normalise pixels, run a body, project to `dim`, L2-normalise (so a dot product is a cosine)."""
 
-    def __init__(self, body: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, body: nn.Module, mean: torch.Tensor, std: torch.Tensor, head: nn.Module | None = None):
         super().__init__()
         self.body = body
+        self.head = head  # only for the parametric baseline: a linear softmax classifier on the features
         # Buffers, so the pixel statistics travel with the weights in every checkpoint.
         self.register_buffer("mean", mean.float().view(1, -1, 1, 1).clone())
         self.register_buffer("std", std.float().clamp_min(1e-3).view(1, -1, 1, 1).clone())
@@ -24,6 +25,9 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.features(x), dim=1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -58,6 +62,13 @@ def build_body(name: str, image_shape: tuple[int, int, int], dim: int) -> nn.Mod
 
 
 def build_encoder(
-    name: str, image_shape: tuple[int, int, int], dim: int, mean: torch.Tensor, std: torch.Tensor
+    name: str,
+    image_shape: tuple[int, int, int],
+    dim: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    num_classes: int | None = None,
 ) -> Encoder:
-    return Encoder(build_body(name, image_shape, dim), mean, std)
+    """The encoder; with `num_classes`, also a linear head so it can be trained as a plain softmax classifier."""
+    head = nn.Linear(dim, num_classes) if num_classes else None
+    return Encoder(build_body(name, image_shape, dim), mean, std, head)

@@ -65,10 +65,12 @@ class DenseRead(torch.autograd.Function):
             stop = min(start + chunk, memory.shape[0])
             scores = _chunk_scores(u, memory, start, stop, temperature, exclude_ids)
             new_max = torch.maximum(running_max, scores.max(dim=1).values)
+            # A row that has seen only its excluded cell so far has max -inf: shift by 0 there, not -inf.
+            shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             # Rescale what was summed under the old max; exp(-inf) = 0 handles the first chunk.
-            per_class *= torch.exp(running_max - new_max).unsqueeze(1)
+            per_class *= torch.exp(running_max - shift).unsqueeze(1)
             onehot = F.one_hot(labels[start:stop], num_classes).to(u.dtype)
-            per_class += torch.exp(scores - new_max.unsqueeze(1)) @ onehot
+            per_class += torch.exp(scores - shift.unsqueeze(1)) @ onehot
             running_max = new_max
         total = per_class.sum(dim=1)
         log_probs = per_class.clamp_min(TINY).log() - total.log().unsqueeze(1)

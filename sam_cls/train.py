@@ -1,26 +1,25 @@
 """Training: encoder by backprop through sparse memory reads, memory by momentum writes, index by refresh."""
 
 import math
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from sam_cls.checkpoint import CheckpointError, RunDir, atomic_save, load_tensors
 from sam_cls.config import Config, ConfigError
-from sam_cls.data import Dataset, augment, load_dataset
-from sam_cls.evaluate import accuracy, encode_all
+from sam_cls.data import Dataset, SyntheticSpec, augment, load_dataset, split_validation
+from sam_cls.evaluate import accuracy, encode_all, head_accuracy
 from sam_cls.index import IndexParams, IndexRefresher
 from sam_cls.memory import MemoryBank
-from sam_cls.model import build_encoder
+from sam_cls.model import Encoder, build_encoder
 from sam_cls.read import class_log_probs, dense_read, exclusion_mask, sparse_read
 
-# Options a resumed run may not change: they define what the checkpoint's tensors mean.
-STRUCTURAL = ("dataset", "encoder", "dim", "synthetic_train", "synthetic_classes", "synthetic_shape", "seed")
+# Options a resumed run may not change: they define what the checkpoint's tensors and optimizer state mean.
+STRUCTURAL = ("dataset", "validation", "encoder", "head", "dim", "synthetic_train", "synthetic_classes",
+              "synthetic_shape", "seed", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs")
 
 
 class TrainingError(RuntimeError):
@@ -41,11 +40,17 @@ def index_params(cfg: Config, device: torch.device) -> IndexParams:
 
 
 def get_dataset(cfg: Config, log) -> Dataset:
-    from sam_cls.data import SyntheticSpec
-
     spec = SyntheticSpec(n_train=cfg.synthetic_train, n_test=cfg.synthetic_test, num_classes=cfg.synthetic_classes,
                          shape=tuple(cfg.synthetic_shape), seed=cfg.seed)
-    return load_dataset(cfg.dataset, cfg.data_dir, synthetic=spec, log=log)
+    data = load_dataset(cfg.dataset, cfg.data_dir, synthetic=spec, log=log)
+    # Choices made by looking at accuracy are made on a split of train; the test split stays unseen.
+    return split_validation(data, cfg.validation, cfg.seed) if cfg.validation else data
+
+
+def make_encoder(cfg: Config, data: Dataset) -> Encoder:
+    """The run's encoder (with a softmax head for the parametric baseline), sized for its data."""
+    return build_encoder(cfg.encoder, data.image_shape, cfg.dim, data.mean, data.std,
+                         data.num_classes if cfg.head == "softmax" else None)
 
 
 def fresh_run_dir(cfg: Config) -> Path:
@@ -64,9 +69,7 @@ class Trainer:
     def __init__(self, cfg: Config, log=print):
         self.cfg, self.log = cfg, log
         self.device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # weight initialisation; batches and crops have generators of their own
         self.data = get_dataset(cfg, log)
         n = len(self.data.train_y)
         if cfg.topk > n - 2:
@@ -76,8 +79,7 @@ class Trainer:
             raise ConfigError(f"--support-sample {cfg.support_sample} exceeds the {n} training images")
         # Data lives on the training device and is augmented there in batches (no per-image Python work).
         self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
-        self.encoder = build_encoder(cfg.encoder, self.data.image_shape, cfg.dim, self.data.mean, self.data.std)
-        self.encoder.to(self.device)
+        self.encoder = make_encoder(cfg, self.data).to(self.device)
         self.opt = torch.optim.SGD(self.encoder.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                    weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -101,6 +103,7 @@ class Trainer:
             "memory": self.memory.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
+            "device_type": self.device.type,
             "rng": {"torch": torch.get_rng_state(), "perm": self.perm_gen.get_state(),
                     "aug": self.aug_gen.get_state()},
         }
@@ -111,6 +114,10 @@ class Trainer:
         if changed:
             raise CheckpointError(f"checkpoint was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}; "
                                   f"resume with the same values or start a new run with --out")
+        if state.get("device_type", self.device.type) != self.device.type:
+            # The crop generator's state is device-specific; a run continues where it was trained.
+            raise CheckpointError(f"checkpoint was trained on {state['device_type']}: resume it with --device "
+                                  f"{state['device_type']}")
         self.encoder.load_state_dict(state["encoder"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
@@ -162,12 +169,16 @@ class Trainer:
                    leave=False, mininterval=1.0)
         for i in bar:
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            u = self.encoder(self.batch(idx))
-            # Diverged weights show first as non-finite embeddings, which an index cannot search; the search
-            # syncs with the host anyway, so this check costs no extra stall.
-            if not torch.isfinite(u).all():
-                raise self.diverged("nan")
-            loss = F.nll_loss(self.log_probs(u, idx), self.train_y[idx])
+            if cfg.head == "softmax":
+                u, log_probs = None, F.log_softmax(self.encoder.logits(self.batch(idx)), dim=1)
+            else:
+                u = self.encoder(self.batch(idx))
+                # Diverged weights show first as non-finite embeddings, which an index cannot search; the
+                # search syncs with the host anyway, so this check costs no extra stall.
+                if not torch.isfinite(u).all():
+                    raise self.diverged("nan")
+                log_probs = self.log_probs(u, idx)
+            loss = F.nll_loss(log_probs, self.train_y[idx])
             if i % 20 == 0:  # a host sync every step would stall a GPU; every 20 still catches a NaN early
                 value = loss.item()
                 if not math.isfinite(value):
@@ -179,19 +190,24 @@ class Trainer:
             self.sched.step()
             loss_sum += loss.detach()
             self.step += 1
-            if not cfg.support_sample and cfg.topk:
+            if u is not None and not cfg.support_sample:
                 self.memory.write(idx, u, cfg.eta, self.step)
-                self.refresher.step(self.step)
+                # "epoch" is served by the rebuild before each evaluation; the dense read needs no index.
+                if cfg.topk and cfg.rebuild_every != "epoch":
+                    self.refresher.step(self.step)
         mean_loss = loss_sum.item() / self.steps_per_epoch
         if not math.isfinite(mean_loss):
             raise self.diverged(mean_loss)
         return mean_loss, n / (time.perf_counter() - start)
 
     # -- the run ----------------------------------------------------------------------------------------
-    def make_refresher(self) -> None:
+    def prepare(self) -> None:
+        """Memory (encoded now, unless a checkpoint brought it) and the index over it: what a step reads."""
+        if self.memory is None:
+            self.memory = MemoryBank(encode_all(self.encoder, self.train_x, self.cfg.eval_batch_size, desc="memory"),
+                                     self.train_y)
         cfg = self.cfg
-        every = self.steps_per_epoch if cfg.rebuild_every == "epoch" else cfg.rebuild_every
-        every = every if every == "auto" else int(every)
+        every = {"auto": "auto", "epoch": self.steps_per_epoch}.get(cfg.rebuild_every) or int(cfg.rebuild_every)
         self.refresher = IndexRefresher(self.memory.embeddings, index_params(cfg, self.device), k=max(cfg.topk, 1) + 1,
                                         rebuild_every=every, staleness_threshold=cfg.staleness_threshold,
                                         background=cfg.background_rebuild, log=self.log, seed=cfg.seed)
@@ -202,15 +218,11 @@ class Trainer:
 
     def save(self, run: RunDir) -> None:
         self.refresher.index.save(run.index)
-        atomic_save({"embeddings": self.memory.embeddings.cpu(), "labels": self.memory.labels.cpu()}, run.memory)
         atomic_save(self.state_dict(), run.checkpoint)  # last: the checkpoint is the commit point
 
     def fit(self, run: RunDir) -> dict:
         cfg = self.cfg
-        if self.memory is None:
-            self.memory = MemoryBank(encode_all(self.encoder, self.train_x, cfg.eval_batch_size, desc="memory"),
-                                     self.train_y)
-        self.make_refresher()
+        self.prepare()
         record: dict = {}
         run_start = time.perf_counter()
         while self.epoch < cfg.epochs:
@@ -219,8 +231,12 @@ class Trainer:
             self.epoch += 1
             self.refresh_memory()
             self.refresher.rebuild("evaluation")
-            test_acc = accuracy(self.encoder, self.data.test_x, self.data.test_y, self.memory, self.refresher.index,
-                                cfg.topk, self.data.num_classes, cfg.temperature, cfg.eval_batch_size)
+            if cfg.head == "softmax":
+                test_acc = head_accuracy(self.encoder, self.data.test_x, self.data.test_y, cfg.eval_batch_size)
+            else:
+                test_acc = accuracy(self.encoder, self.data.test_x, self.data.test_y, self.memory,
+                                    self.refresher.index, cfg.topk, self.data.num_classes, cfg.temperature,
+                                    cfg.eval_batch_size)
             record = {"epoch": self.epoch, "step": self.step, "train_loss": round(train_loss, 5),
                       "test_acc": round(test_acc, 3), "images_per_s": round(images_per_s, 1),
                       "seconds": round(time.perf_counter() - epoch_start, 2),
@@ -247,8 +263,12 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     trainer = Trainer(cfg, log)
     if resume:
         trainer.load_state_dict(state)
-        run.truncate_metrics(trainer.epoch)
+        if trainer.epoch >= cfg.epochs:
+            raise ConfigError(f"{run.path} has already trained {trainer.epoch} epochs: pass --epochs N with N > "
+                              f"{trainer.epoch} to train it further")
         log(f"resuming {run.path} at epoch {trainer.epoch}, step {trainer.step}")
+    # Lines of epochs whose checkpoint never landed would otherwise repeat or outlive the run.
+    run.truncate_metrics(trainer.epoch)
     run.path.mkdir(parents=True, exist_ok=True)
     run.save_config(cfg)
     return trainer.fit(run)

@@ -31,7 +31,7 @@ def check_run_lifecycle(tmp_path, dataset, data_dir, n_train, n_test):
     summary = last_json(run("train", *common, "--epochs", "1", "--out", out, "--json"))
     assert summary["epochs"] == 1 and summary["run_dir"] == str(out)
     assert 0 <= summary["test_acc"] <= 100 and summary["seconds"] > 0
-    for name in ("config.yaml", "checkpoint.pt", "memory.pt", "index.faiss", "metrics.jsonl"):
+    for name in ("config.yaml", "checkpoint.pt", "index.faiss", "metrics.jsonl"):
         assert (out / name).is_file(), name
 
     rebuilt = last_json(run("rebuild-index", "--run", out, "--index", "flat", "--json"))

@@ -67,3 +67,10 @@ def test_exclusion_mask_keeps_exactly_k():
     mask = exclusion_mask(ids, torch.tensor([2, 8]))
     assert mask.tolist() == [[False, True, False], [False, False, True]]
     assert (mask.sum(1) == 1).all()
+
+
+def test_dense_read_survives_a_chunk_holding_only_the_excluded_cell():
+    u, memory, labels = make(n=10, b=2)
+    own = torch.tensor([0, 9])
+    one_cell_chunks = dense_read(u, memory, labels, 4, 0.1, exclude_ids=own, chunk=1)
+    torch.testing.assert_close(one_cell_chunks, dense_read(u, memory, labels, 4, 0.1, exclude_ids=own, chunk=64))

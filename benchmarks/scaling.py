@@ -1,0 +1,423 @@
+"""Training-step cost against memory size N: sparse reads per index back-end, dense read, support sampling.
+
+    python benchmarks/scaling.py                          # N = 1e4..1e7, then one CIFAR-10 (JPEG) epoch each
+    python benchmarks/scaling.py --sizes 1e4,1e5,1e6      # without N = 1e7 (its ivfpq build dominates)
+    python benchmarks/scaling.py --quick                  # smoke run: N = 1e4, 1e5, synthetic throughput
+
+Sparse access should make a step cost about the same at N = 1e4 and 1e7. On synthetic clustered, unit-norm
+cells (d=128, batch B=256, K=256) each row times, encoder excluded (median after warm-ups):
+  sparse          index.search(u, K+1) + sparse_read forward/backward w.r.t. u (own cell masked) + write
+  dense           dense_read forward/backward over all N cells (chunked); skipped where a step passes ~10 s
+  support-sample  the seed's read: dense softmax over M=1e4 support embeddings (random cells stand in)
+step_ms_with_encoder adds the measured conv1 forward/backward of B images (and of M more for support-sample).
+Rows also give build_s, bytes_per_cell, peak_rss_mb and inference queries_per_s; log-log slopes of step_ms
+against N are printed (sparse should be near 0, dense near 1). --throughput (on by default) then times whole
+training epochs, sam-cls (index rebuild included) against the same encoder as a plain softmax classifier.
+Writes results/scaling.json (rows, machine, command line) and results/scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sam_cls.config import Config
+from sam_cls.index import IndexParams, build_index
+from sam_cls.index.synthetic import clustered_embeddings
+from sam_cls.memory import MemoryBank
+from sam_cls.model import build_encoder
+from sam_cls.read import class_log_probs, dense_read, exclusion_mask, sparse_read
+from sam_cls.train import Trainer
+
+# ----------------------------------------------------------------------------- hyper-parameters, all here
+D, B, K = 128, 256, 256  # embedding dim, batch, cells read per query: the defaults in sam_cls/config.py
+NUM_CLASSES = 10  # label = synthetic cluster mod C, as many classes as CIFAR-10
+CLUSTERS = 100
+TEMPERATURE, ETA = 0.05, 0.5  # config.py defaults: softmax temperature, memory write momentum
+SUPPORT_M = 10_000  # the seed method's support sample, re-encoded every batch
+QUERY_NOISE = 0.1  # a query is its own cell plus noise: an encoder output near the cell it last wrote
+WARMUP, REPEATS, QUICK_REPEATS = 2, 10, 3
+ROW_BUDGET_S = 30.0  # a slow measurement (dense at 1e6) takes fewer repeats, never fewer than 3
+DENSE_MAX_STEP_S = 10.0  # skip dense where a step would take longer (linear estimate from a smaller N)
+DENSE_CHUNK = 8192
+KINDS = ("flat", "ivf", "ivfpq", "hnsw", "torch")
+DEFAULT_SIZES = "1e4,1e5,1e6,1e7"
+# From BIG_N cells on only compressed ivfpq: exact search would take seconds a step, and an HNSW graph hours
+# to build on a few cores. HNSW stops at HNSW_MAX_N for the same reason.
+BIG_N, BIG_KINDS, HNSW_MAX_N = 10**7, ("ivfpq",), 10**6
+# Resident bytes a cell for each index (RAM check only); doubled while the index is serialized for its size.
+INDEX_BYTES = {"flat": 4 * D, "torch": 4 * D, "ivf": 4 * D + 16, "hnsw": 4 * D + 320, "ivfpq": D + 80}
+QUICK_SYNTHETIC_TRAIN = 768  # --quick throughput: a few hundred 3x32x32 synthetic images (K=256 fits)
+
+
+# ----------------------------------------------------------------------------- measuring
+def proc_kib(file: str, key: str) -> int | None:
+    """A 'Key: value kB' field of a Linux /proc file, or None elsewhere."""
+    try:
+        line = next((x for x in Path(file).read_text().splitlines() if x.startswith(key + ":")), None)
+    except OSError:
+        return None
+    return int(line.split()[1]) if line else None
+
+
+def available_ram() -> int:
+    """Bytes the kernel could hand out now (MemAvailable), so a size that would swap is skipped instead."""
+    kib = proc_kib("/proc/meminfo", "MemAvailable")
+    return kib * 1024 if kib is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Restart Linux's peak-RSS counter so each row reports its own peak, not the whole run's."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set since the last reset (VmHWM), else the process-lifetime ru_maxrss."""
+    kib = proc_kib("/proc/self/status", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / 1024, 1)
+
+
+def median_ms(fn: Callable[[int], object], repeats: int) -> float:
+    """Median ms of fn(i) after WARMUP calls; a slow fn gets fewer repeats (>= 3) so a row stays bounded."""
+    times: list[float] = []
+    i = 0
+    while len(times) < repeats:
+        start = time.perf_counter()
+        fn(i)
+        seconds = time.perf_counter() - start
+        if i >= WARMUP:
+            times.append(seconds)
+        elif i == WARMUP - 1:
+            repeats = max(3, min(repeats, int(ROW_BUDGET_S / max(seconds, 1e-6))))
+        i += 1
+    return float(np.median(times) * 1e3)
+
+
+def make_bank(n: int, seed: int) -> MemoryBank:
+    """N unit-norm clustered cells labelled by cluster mod NUM_CLASSES."""
+    cells, _ = clustered_embeddings(n, D, CLUSTERS, seed)
+    # clustered_embeddings returns no cluster ids; its centres are the seeded generator's first draw, so draw
+    # them again and label each cell by its nearest centre (its own cluster at this noise level).
+    centres = F.normalize(torch.randn(CLUSTERS, D, generator=torch.Generator().manual_seed(seed)), dim=1)
+    labels = torch.cat([(c @ centres.T).argmax(1) for c in cells.split(1 << 20)]) % NUM_CLASSES
+    return MemoryBank(cells, labels)
+
+
+def make_batches(bank: MemoryBank, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, B) own-cell ids and (count, B, d) queries: each its own cell plus noise, re-normalised."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    # randint, not randperm: no O(N) work per size (a repeated id in a batch is harmless)
+    idx = torch.randint(bank.size, (count, B), generator=gen)
+    noise = torch.randn(count, B, D, generator=gen) * QUERY_NOISE / D**0.5
+    return idx, F.normalize(bank.embeddings[idx] + noise, dim=2)
+
+
+def encoder_ms(repeats: int) -> float:
+    """Forward + backward of the conv1 encoder on B uint8 32x32x3 images: the cost every method adds."""
+    enc = build_encoder("conv1", (3, 32, 32), D, torch.full((3,), 0.5), torch.full((3,), 0.25))
+    x = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
+    grad = torch.randn(B, D)
+
+    def step(_: int) -> None:
+        enc.zero_grad(set_to_none=True)
+        (enc(x) * grad).sum().backward()
+
+    return median_ms(step, repeats)
+
+
+# ----------------------------------------------------------------------------- one row per method
+def sparse_row(bank: MemoryBank, kind: str, batches: tuple, repeats: int, seed: int,
+               nlist: int | None) -> dict:
+    """Search K+1, sparse read forward/backward, write: the step whose cost should not grow with N."""
+    idx, queries = batches
+    reset_peak_rss()
+    start = time.perf_counter()
+    index = build_index(bank.embeddings, IndexParams(kind=kind, nlist=nlist), k=K + 1, seed=seed)
+    build_s = time.perf_counter() - start
+
+    def step(i: int) -> None:
+        u = queries[i].clone().requires_grad_()
+        _, ids = index.search(u.detach(), K + 1)  # K + 1 so that masking the query's own cell leaves K
+        log_probs = sparse_read(u, ids, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE,
+                                exclude=exclusion_mask(ids, idx[i]))
+        F.nll_loss(log_probs, bank.labels[idx[i]]).backward()
+        bank.write(idx[i], u, ETA, step=i)
+
+    @torch.no_grad()
+    def infer(i: int) -> None:
+        _, ids = index.search(queries[i], K)
+        sparse_read(queries[i], ids, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE)
+
+    step_ms, infer_ms = median_ms(step, repeats), median_ms(infer, repeats)
+    peak = peak_rss_mb()  # read before saving: serialising makes a transient copy of the index
+    with tempfile.TemporaryDirectory() as tmp:  # saved file / N: what the index holds resident
+        index.save(Path(tmp) / "index.bin")
+        per_cell = (Path(tmp) / "index.bin").stat().st_size / bank.size
+    return {"method": "sparse", "index": kind, "step_ms": step_ms, "build_s": round(build_s, 3),
+            # sparse_read and the writes use the float32 MemoryBank whatever the index compresses
+            "bytes_per_cell": round(per_cell + 4 * D, 1), "index_bytes_per_cell": round(per_cell, 1),
+            "storage": f"float32 memory ({4 * D} B) + {kind} index",
+            "queries_per_s": round(B / infer_ms * 1e3, 1), "peak_rss_mb": peak,
+            "description": index.description}
+
+
+def dense_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
+    """dense_read over every cell, forward and backward: the exact read the sparse one approximates."""
+    idx, queries = batches
+    reset_peak_rss()
+
+    def step(i: int) -> None:
+        u = queries[i].clone().requires_grad_()
+        log_probs = dense_read(u, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE, exclude_ids=idx[i],
+                               chunk=DENSE_CHUNK)
+        F.nll_loss(log_probs, bank.labels[idx[i]]).backward()
+        bank.write(idx[i], u.detach(), ETA, step=i)  # training writes the batch's cells in every read mode
+
+    @torch.no_grad()
+    def infer(i: int) -> None:
+        dense_read(queries[i], bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE, chunk=DENSE_CHUNK)
+
+    step_ms, infer_ms = median_ms(step, repeats), median_ms(infer, repeats)
+    return {"method": "dense", "index": None, "step_ms": step_ms, "build_s": None, "bytes_per_cell": 4 * D,
+            "storage": "float32 memory", "queries_per_s": round(B / infer_ms * 1e3, 1),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def support_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
+    """The seed's read: softmax over M random support embeddings, gradients to the queries and the support."""
+    idx, queries = batches
+    m = min(SUPPORT_M, bank.size)
+    gen = torch.Generator().manual_seed(0)
+    reset_peak_rss()
+
+    def step(i: int) -> None:
+        # randint, not the trainer's randperm(N)[:M]: an O(N) draw a step is not the method's cost
+        support = torch.randint(bank.size, (m,), generator=gen)
+        s = bank.embeddings[support].clone().requires_grad_()  # stands in for the M re-encoded images
+        u = queries[i].clone().requires_grad_()
+        scores = (u @ s.T / TEMPERATURE).masked_fill(support[None, :] == idx[i][:, None], float("-inf"))
+        log_probs = class_log_probs(scores, bank.labels[support][None, :], NUM_CLASSES)
+        F.nll_loss(log_probs, bank.labels[idx[i]]).backward()
+
+    return {"method": "support-sample", "index": None, "step_ms": median_ms(step, repeats), "build_s": None,
+            "bytes_per_cell": None, "storage": f"no memory: re-encodes {m} support images a step",
+            "queries_per_s": None, "peak_rss_mb": peak_rss_mb(), "support_m": m}
+
+
+# ----------------------------------------------------------------------------- whole-epoch throughput
+def throughput(args: argparse.Namespace) -> dict | None:
+    """Images/s of whole training epochs, sam-cls (with its per-epoch index rebuild) against plain softmax."""
+    base: dict = {"encoder": "conv1", "epochs": args.epochs_throughput, "seed": args.seed}
+    if args.quick:
+        base.update(dataset="synthetic", synthetic_train=QUICK_SYNTHETIC_TRAIN, synthetic_test=256,
+                    synthetic_shape=[3, 32, 32], synthetic_classes=NUM_CLASSES)
+        name = f"synthetic ({QUICK_SYNTHETIC_TRAIN} images, 3x32x32)"
+    elif (Path(args.data_dir) / "train").is_dir():
+        base.update(dataset="imagefolder", data_dir=args.data_dir)
+        name = "CIFAR-10 (JPEG copy)"
+    else:
+        print(f"throughput: not run: data absent ({args.data_dir}/train)")
+        return None
+    # Set up the way Trainer.fit does: memory from the initial encoder, then the refresher over it. Quiet
+    # logs: the trainers' index lines would interleave with the table.
+    sam = Trainer(Config(**base).validate(), log=lambda line: None)
+    sam.prepare()
+    soft = Trainer(Config(**base, head="softmax").validate(), log=lambda line: None)
+    sam_s = rebuild_s = soft_s = 0.0
+    for _ in range(args.epochs_throughput):  # interleaved, so drifting machine load hits both alike
+        t0 = time.perf_counter()
+        sam.train_epoch()
+        t1 = time.perf_counter()
+        sam.refresher.rebuild("epoch")  # the rebuild each sam-cls epoch needs (fit does it before evaluation)
+        t2 = time.perf_counter()
+        soft.train_epoch()
+        sam_s, rebuild_s, soft_s = sam_s + t2 - t0, rebuild_s + t2 - t1, soft_s + time.perf_counter() - t2
+        sam.epoch, soft.epoch = sam.epoch + 1, soft.epoch + 1
+    images = len(sam.train_y) * args.epochs_throughput
+    sam_ips, soft_ips = images / sam_s, images / soft_s
+    return {"sam_cls_images_per_s": round(sam_ips, 1), "softmax_images_per_s": round(soft_ips, 1),
+            "ratio": round(sam_ips / soft_ips, 3), "dataset": name, "encoder": "conv1",
+            "epochs": args.epochs_throughput, "train_images": len(sam.train_y), "device": str(sam.device),
+            "index": sam.refresher.index.description,
+            "rebuild_s_per_epoch": round(rebuild_s / args.epochs_throughput, 2)}
+
+
+# ----------------------------------------------------------------------------- reporting
+def series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped per method/index, each sorted by N."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["method"] + (f"/{r['index']}" if r["index"] else ""), []).append(r)
+    return {k: sorted(v, key=lambda r: r["n_cells"]) for k, v in out.items()}
+
+
+def slopes(rows: list[dict]) -> list[dict]:
+    """Least-squares slope of log(step_ms) on log(N) per series: ~0 is flat, ~1 is linear in N."""
+    out = []
+    for name, group in series(rows).items():
+        if len(group) < 2:
+            continue
+        log_n = np.log([r["n_cells"] for r in group])
+        fit = {key: float(np.polyfit(log_n, np.log([r[key] for r in group]), 1)[0])
+               for key in ("step_ms", "step_ms_with_encoder")}
+        out.append({"series": name, "slope": round(fit["step_ms"], 3),
+                    "slope_with_encoder": round(fit["step_ms_with_encoder"], 3),
+                    "n_min": group[0]["n_cells"], "n_max": group[-1]["n_cells"],
+                    "ratio_max_over_min": round(group[-1]["step_ms"] / group[0]["step_ms"], 3)})
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Log-log step time against N, encoder excluded and included, one line per method/index."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, title in zip(axes, ("step_ms", "step_ms_with_encoder"),
+                              ("training step, encoder excluded", "training step, conv1 encoder included")):
+        for name, group in series(rows).items():
+            ax.loglog([r["n_cells"] for r in group], [r[key] for r in group], "o-", label=name)
+        ax.set(xlabel="memory cells N", ylabel="ms per step (B=256)", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
+            "numpy": np.__version__}
+
+
+# ----------------------------------------------------------------------------- main
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", help="comma-separated N (default 1e4,1e5,1e6,1e7; --quick 1e4,1e5)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="index back-ends for the sparse rows")
+    ap.add_argument("--big-n", type=float, default=BIG_N, help="from this N on, only --big-kinds")
+    ap.add_argument("--big-nlist", type=int, help="IVF lists from --big-n on (default 4 sqrt(N): slow k-means)")
+    ap.add_argument("--repeats", type=int, help=f"timed repeats after {WARMUP} warm-ups (default {REPEATS})")
+    ap.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg", help="imagefolder for --throughput")
+    ap.add_argument("--epochs-throughput", type=int, default=1, help="epochs averaged for --throughput")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results/scaling.json", help="JSON; the plot goes beside it as .png")
+    ap.add_argument("--quick", action="store_true", help="N = 1e4, 1e5, fewer repeats, synthetic throughput")
+    args = ap.parse_args()
+    sizes = [int(float(x)) for x in (args.sizes or ("1e4,1e5" if args.quick else DEFAULT_SIZES)).split(",")]
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else REPEATS)
+    kinds = [s for s in args.kinds.split(",") if s]
+    if bad := sorted(set(kinds) - set(KINDS)):
+        ap.error(f"unknown index kind(s) {', '.join(bad)}: choose from {', '.join(KINDS)}")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    enc_ms = encoder_ms(repeats)
+    settings = {"dim": D, "batch": B, "k": K, "classes": NUM_CLASSES, "clusters": CLUSTERS, "eta": ETA,
+                "temperature": TEMPERATURE, "support_m": SUPPORT_M, "warmup": WARMUP, "repeats": repeats,
+                "device": "cpu", "big_nlist": args.big_nlist}
+    report: dict = {"command": shlex.join(["python", *sys.argv]), "machine": machine(), "settings": settings,
+                    "encoder_ms": {"conv1_fwd_bwd_batch": round(enc_ms, 2),
+                                   "added": "to every row; support-sample adds (B + M) / B times it"},
+                    "steps": [], "skipped": [], "slopes": [], "throughput": None}
+    rows = report["steps"]
+
+    def skip(n: int, what: str, why: str) -> None:
+        print(f"{n:>9} {what:<22} skipped: {why}", flush=True)
+        report["skipped"].append({"n_cells": n, "what": what, "why": why})
+
+    def save() -> None:  # after every row, so a run that is stopped keeps what it measured
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    print(f"conv1 encoder forward+backward, B={B}: {enc_ms:.1f} ms (added to every row)")
+    print(f"{'n_cells':>9} {'method/index':<22} {'step_ms':>9} {'+enc_ms':>9} {'build_s':>8} {'B/cell':>7} "
+          f"{'q/s':>8} {'peak_MB':>8}")
+    for n in sizes:
+        free_gib = available_ram() / 2**30
+        if (need := n * (4 * D + 16) + (3 << 30)) > available_ram():  # cells, labels, generation temporaries
+            skip(n, "all", f"memory needs ~{need / 2**30:.1f} GiB, {free_gib:.1f} GiB available")
+            continue
+        bank = make_bank(n, args.seed)
+        batches = make_batches(bank, WARMUP + repeats, args.seed)
+        jobs: list[tuple[str, str | None]] = []
+        for kind in kinds:
+            if n >= args.big_n and kind not in BIG_KINDS:
+                skip(n, f"sparse/{kind}", f"N >= --big-n {args.big_n:.0f}: only {','.join(BIG_KINDS)}")
+            elif kind == "hnsw" and n > HNSW_MAX_N:
+                skip(n, "sparse/hnsw", f"N above {HNSW_MAX_N:.0e} (graph build too slow)")
+            elif (need := 2 * INDEX_BYTES[kind] * n + (1 << 30)) > available_ram():
+                skip(n, f"sparse/{kind}", f"index needs ~{need / 2**30:.1f} GiB, "
+                     f"{available_ram() / 2**30:.1f} GiB available")
+            else:
+                jobs.append(("sparse", kind))
+        dense = [r for r in rows if r["method"] == "dense"]
+        if dense and (estimate := dense[-1]["step_ms"] / 1e3 * n / dense[-1]["n_cells"]) > DENSE_MAX_STEP_S:
+            skip(n, "dense", f"~{estimate:.0f} s a step (linear from {dense[-1]['step_ms'] / 1e3:.1f} s at "
+                 f"N={dense[-1]['n_cells']}) > {DENSE_MAX_STEP_S:.0f} s")
+        else:
+            jobs.append(("dense", None))
+        for method, kind in [*jobs, ("support-sample", None)]:
+            if method == "sparse":
+                nlist = args.big_nlist if n >= args.big_n and kind in ("ivf", "ivfpq") else None
+                row = sparse_row(bank, kind, batches, repeats, args.seed, nlist)
+            else:
+                row = (dense_row if method == "dense" else support_row)(bank, batches, repeats)
+            extra = enc_ms * ((B + row["support_m"]) / B if method == "support-sample" else 1)
+            row = {"n_cells": n, **row, "step_ms": round(row["step_ms"], 2),
+                   "step_ms_with_encoder": round(row["step_ms"] + extra, 2)}
+            rows.append(row)
+            print(f"{n:>9} {method + (f'/{kind}' if kind else ''):<22} {row['step_ms']:>9.2f} "
+                  f"{row['step_ms_with_encoder']:>9.2f} {fmt(row['build_s'], '8.2f'):>8} "
+                  f"{fmt(row['bytes_per_cell'], '7.1f'):>7} {fmt(row['queries_per_s'], '8.0f'):>8} "
+                  f"{row['peak_rss_mb']:>8.0f}", flush=True)
+            save()
+            gc.collect()  # drop the row's index before the next is built
+        del bank, batches
+        gc.collect()
+
+    report["slopes"] = slopes(rows)
+    print("\nslope of log(step_ms) on log(N) (sparse should be ~0, dense ~1):")
+    for s in report["slopes"]:
+        print(f"  {s['series']:<22} slope {s['slope']:+.3f} (with encoder {s['slope_with_encoder']:+.3f})   "
+              f"step_ms(N={s['n_max']}) / step_ms(N={s['n_min']}) = {s['ratio_max_over_min']:.2f}")
+    if rows:
+        plot(rows, out.with_suffix(".png"))
+    save()
+    if args.throughput:
+        report["throughput"] = t = throughput(args)
+        if t:
+            print(f"\nthroughput, {t['dataset']}, conv1, {t['epochs']} epoch(s) on {t['device']}: sam-cls "
+                  f"{t['sam_cls_images_per_s']:.0f} img/s (index rebuild {t['rebuild_s_per_epoch']:.1f} s an "
+                  f"epoch included), softmax {t['softmax_images_per_s']:.0f} img/s, ratio {t['ratio']:.2f}")
+        save()
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
