@@ -7,6 +7,7 @@ import sys
 import click
 
 from sam_cls.config import make_config
+from sam_cls.index.params import INDEX_KINDS
 
 
 def log(message: str) -> None:
@@ -46,7 +47,7 @@ def friendly_errors(fn):
 def index_options(fn):
     """Index choice and knobs, shared by train and rebuild-index."""
     for opt in reversed([
-        click.option("--index", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw", "torch"]),
+        click.option("--index", type=click.Choice(INDEX_KINDS),
                      help="ANN back-end over the memory (auto chooses by N, d, K and device)."),
         click.option("--nlist", type=click.IntRange(min=1), help="IVF lists (default about 4 sqrt(N))."),
         click.option("--nprobe", type=click.IntRange(min=1), help="IVF lists searched per query."),

@@ -1,20 +1,25 @@
 """Classifying with the memory: encode, find K cells, read them; shared by training and the CLI."""
 
+from collections.abc import Callable
+
 import torch
 from tqdm import tqdm
 
 from sam_cls.memory import MemoryBank
+from sam_cls.model import Encoder
 from sam_cls.read import dense_read, sparse_read
 
 
 @torch.no_grad()
-def encode_all(encoder: torch.nn.Module, images: torch.Tensor, batch_size: int, desc: str = "encode") -> torch.Tensor:
-    """Embeddings of every image in eval mode (no augmentation), on the encoder's device."""
+def encode_all(encoder: Encoder, images: torch.Tensor, batch_size: int, desc: str = "encode",
+               fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Embeddings (or `fn`'s output, e.g. encoder.logits) of every image in eval mode, on the encoder's device."""
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
+    fn = fn or encoder
     chunks = [
-        encoder(images[i : i + batch_size].to(device))
+        fn(images[i : i + batch_size].to(device))
         for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch")
     ]
     encoder.train(was_training)
@@ -33,7 +38,7 @@ def classify(u: torch.Tensor, memory: MemoryBank, index, topk: int, num_classes:
 
 @torch.no_grad()
 def accuracy(
-    encoder: torch.nn.Module,
+    encoder: Encoder,
     images: torch.Tensor,
     labels: torch.Tensor,
     memory: MemoryBank,
@@ -53,12 +58,7 @@ def accuracy(
 
 
 @torch.no_grad()
-def head_accuracy(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
+def head_accuracy(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
     """Percent correct of the softmax head (the parametric baseline)."""
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    correct = sum((encoder.logits(images[i : i + batch_size].to(device)).argmax(1).cpu()
-                   == labels[i : i + batch_size].cpu()).sum().item() for i in range(0, len(images), batch_size))
-    encoder.train(was_training)
-    return 100.0 * correct / len(labels)
+    logits = encode_all(encoder, images, batch_size, desc="test", fn=encoder.logits)
+    return 100.0 * (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
