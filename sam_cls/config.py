@@ -37,7 +37,7 @@ class Config:
     # a large SGD rate is right here (MNIST/conv1, batch 256, validation after 1 epoch: lr 0.05 93.7%, 0.5 96.7%,
     # 1.5 97.8%, 4 97.2%).
     # The softmax baseline's logits are not normalised and take the usual small rate.
-    lr: float | None = None  # None: 1.0 for the memory head, 0.05 for the softmax head
+    lr: float | None = None  # None: 1.0 for the memory head, 0.01 for the softmax head
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
@@ -62,7 +62,7 @@ class Config:
     def validate(self) -> "Config":
         """Catch bad values before any work, each with the option to change."""
         if self.lr is None:
-            self.lr = 1.0 if self.head == "memory" else 0.05
+            self.lr = 1.0 if self.head == "memory" else 0.01
         positive = ("dim", "epochs", "batch_size", "eval_batch_size", "lr")
         for name in positive:
             if getattr(self, name) <= 0:
