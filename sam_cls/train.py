@@ -192,8 +192,7 @@ class Trainer:
             self.step += 1
             if u is not None and not cfg.support_sample:
                 self.memory.write(idx, u, cfg.eta, self.step)
-                # "epoch" is served by the rebuild before each evaluation; the dense read needs no index.
-                if cfg.topk and cfg.rebuild_every != "epoch":
+                if cfg.topk:  # the dense read needs no index
                     self.refresher.step(self.step)
         mean_loss = loss_sum.item() / self.steps_per_epoch
         if not math.isfinite(mean_loss):
@@ -204,17 +203,21 @@ class Trainer:
     def prepare(self) -> None:
         """Memory (encoded now, unless a checkpoint brought it) and the index over it: what a step reads."""
         if self.memory is None:
-            self.memory = MemoryBank(encode_all(self.encoder, self.train_x, self.cfg.eval_batch_size, desc="memory"),
-                                     self.train_y)
+            self.memory = MemoryBank(self.encode_memory(), self.train_y)
         cfg = self.cfg
-        every = {"auto": "auto", "epoch": self.steps_per_epoch}.get(cfg.rebuild_every) or int(cfg.rebuild_every)
+        # "epoch" is served by the rebuild fit() forces before each evaluation.
+        every = {"auto": "auto", "epoch": None}.get(cfg.rebuild_every, cfg.rebuild_every)
+        every = every if every in ("auto", None) else int(every)
         self.refresher = IndexRefresher(self.memory.embeddings, index_params(cfg, self.device), k=max(cfg.topk, 1) + 1,
                                         rebuild_every=every, staleness_threshold=cfg.staleness_threshold,
                                         background=cfg.background_rebuild, log=self.log, seed=cfg.seed)
 
     def refresh_memory(self) -> None:
         """Re-encode every cell with the current encoder (no augmentation): the memory evaluation reads."""
-        self.memory.replace(encode_all(self.encoder, self.train_x, self.cfg.eval_batch_size, desc="memory"), self.step)
+        self.memory.replace(self.encode_memory(), self.step)
+
+    def encode_memory(self) -> torch.Tensor:
+        return encode_all(self.encoder, self.train_x, self.cfg.eval_batch_size, desc="memory")
 
     def save(self, run: RunDir) -> None:
         self.refresher.index.save(run.index)

@@ -23,7 +23,8 @@ RECALL_FLOOR = 0.9
 class IndexRefresher:
     """Owns the index over a live (N, d) memory tensor and rebuilds it when a policy says it is stale.
 
-    rebuild_every=R rebuilds every R steps; "auto" rebuilds when staleness() passes staleness_threshold.
+    rebuild_every=R rebuilds every R steps; "auto" rebuilds when staleness() passes staleness_threshold;
+    None only when asked (rebuild()), e.g. once an epoch before evaluation.
     IVF kinds re-add to the trained quantizer and retrain only every `retrain_every`-th rebuild (or after
     recall fell below RECALL_FLOOR). background=True builds the next index in a worker thread from a
     snapshot of the memory while searches use the current one, and swaps at the first step() after it is done.
@@ -34,7 +35,7 @@ class IndexRefresher:
         memory: torch.Tensor,
         params: IndexParams,
         k: int,
-        rebuild_every: int | str = "auto",
+        rebuild_every: int | str | None = "auto",
         staleness_threshold: float = 0.02,
         retrain_every: int = 10,
         background: bool = False,
@@ -43,7 +44,7 @@ class IndexRefresher:
         recall_sample: int = 256,
         staleness_sample: int = 1024,
     ):
-        if rebuild_every != "auto" and not (isinstance(rebuild_every, int) and rebuild_every >= 1):
+        if rebuild_every not in ("auto", None) and not (isinstance(rebuild_every, int) and rebuild_every >= 1):
             raise ValueError(
                 f"rebuild_every must be a positive number of steps or 'auto', got {rebuild_every!r}"
             )
@@ -120,6 +121,8 @@ class IndexRefresher:
         """Why a rebuild is due now, or None."""
         if self.memory.shape[0] != self.index.size:
             return f"memory has {self.memory.shape[0]} cells, index {self.index.size}"
+        if self.rebuild_every is None:
+            return None
         if self.rebuild_every == "auto":
             drift = self.staleness()
             return (
