@@ -10,13 +10,12 @@ Writes results/refresh_bench.json.
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+from machine import describe
 
 from sam_cls.config import make_config
 from sam_cls.train import Trainer
@@ -72,8 +71,7 @@ def main() -> None:
     result = {"command": " ".join(["python", *sys.argv]), "dataset": args.dataset, "index": INDEX,
               "rebuild_every": base["rebuild_every"], "repeats": args.repeats, "rows": rows,
               "saved_s_per_epoch": round(saved, 2), "ratio": round(bg["epoch_s"] / fg["epoch_s"], 3),
-              "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                          "torch": torch.__version__}}
+              "machine": describe()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

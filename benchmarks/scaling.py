@@ -23,7 +23,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import resource
 import shlex
 import sys
@@ -32,10 +31,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import describe
 
 from sam_cls.config import Config
 from sam_cls.index import IndexParams, build_index
@@ -303,14 +302,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "ram_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
-            "numpy": np.__version__}
-
-
 # ----------------------------------------------------------------------------- main
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
@@ -342,7 +333,7 @@ def main() -> None:
     settings = {"dim": D, "batch": B, "k": K, "classes": NUM_CLASSES, "clusters": CLUSTERS, "eta": ETA,
                 "temperature": TEMPERATURE, "support_m": SUPPORT_M, "warmup": WARMUP, "repeats": repeats,
                 "device": "cpu", "big_nlist": args.big_nlist}
-    report: dict = {"command": shlex.join(["python", *sys.argv]), "machine": machine(), "settings": settings,
+    report: dict = {"command": shlex.join(["python", *sys.argv]), "machine": describe(), "settings": settings,
                     "encoder_ms": {"conv1_fwd_bwd_batch": round(enc_ms, 2),
                                    "added": "to every row; support-sample adds (B + M) / B times it"},
                     "steps": [], "skipped": [], "slopes": [], "throughput": None}

@@ -47,14 +47,20 @@ class RunDir:
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def truncate_metrics(self, epochs_done: int) -> None:
+    def load_metrics(self) -> list[dict]:
+        """The per-epoch records, oldest first."""
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, steps_done: int) -> None:
         """Drop metrics of epochs whose checkpoint never landed, so a resumed run does not repeat lines."""
         if not self.metrics.is_file():
             return
         kept = []
         for line in self.metrics.read_text().splitlines():
             try:
-                if json.loads(line)["epoch"] <= epochs_done:
+                if json.loads(line)["step"] <= steps_done:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 pass  # a line cut short by an interrupted write

@@ -79,6 +79,7 @@ def main() -> None:
 @click.option("--head", type=click.Choice(["memory", "softmax"]), help="softmax: the parametric baseline.")
 @click.option("--support-sample", type=int, help="The seed method: M random support images per batch (no index).")
 @click.option("--epochs", type=int)
+@click.option("--max-seconds", type=float, help="Wall-clock budget for training steps; the schedule fits it.")
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float, help="Peak learning rate (SGD, warm-up then linear decay).")
 @index_options

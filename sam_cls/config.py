@@ -32,6 +32,10 @@ class Config:
     support_sample: int = 0  # > 0: the seed's mode, M random support images re-encoded every batch
     # optimisation
     epochs: int = 10
+    # A wall-clock budget for training steps (seconds): training stops at the first step past it, and the
+    # learning-rate schedule runs to whichever of epochs and seconds ends first. For a fair comparison with
+    # a slow method (the seed's support sample) at the time another method took.
+    max_seconds: float | None = None
     batch_size: int = 128
     # The encoder's output is L2-normalised, so the gradient reaching its weights shrinks as they grow:
     # a large SGD rate is right here (MNIST/conv1, batch 256, validation after 1 epoch: lr 0.05 93.7%, 0.5 96.7%,
@@ -63,9 +67,9 @@ class Config:
         """Catch bad values before any work, each with the option to change."""
         if self.lr is None:
             self.lr = 1.0 if self.head == "memory" else 0.01
-        positive = ("dim", "epochs", "batch_size", "eval_batch_size", "lr")
+        positive = ("dim", "epochs", "batch_size", "eval_batch_size", "lr", "max_seconds")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
         from sam_cls.model import ENCODERS
 

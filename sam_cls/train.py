@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from sam_cls.checkpoint import CheckpointError, RunDir, atomic_save, load_tensors
@@ -66,6 +67,8 @@ def fresh_run_dir(cfg: Config) -> Path:
 class Trainer:
     """Holds everything one run mutates, so a checkpoint is exactly `state_dict()`."""
 
+    clock = staticmethod(time.perf_counter)  # times the steps against --max-seconds (tests replace it)
+
     def __init__(self, cfg: Config, log=print):
         self.cfg, self.log = cfg, log
         self.device = resolve_device(cfg.device)
@@ -83,14 +86,31 @@ class Trainer:
         self.opt = torch.optim.SGD(self.encoder.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                    weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
-        total, warmup = cfg.epochs * self.steps_per_epoch, max(1, round(cfg.warmup_epochs * self.steps_per_epoch))
-        # Linear warm-up then linear decay to zero: robust for few-epoch CPU runs without tuning.
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+        self.train_seconds = 0.0  # time spent in training steps, against --max-seconds
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         self.perm_gen = torch.Generator().manual_seed(cfg.seed)  # batch order and support samples
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # crops and flips
         self.step, self.epoch = 0, 0
+        self.pass_rng = self.perm_gen.get_state()  # the batch order of the current pass, to resume inside it
         self.memory: MemoryBank | None = None
+
+    def progress(self, step: int) -> float:
+        """Share of the run done after `step` steps: by steps, or by seconds where a time budget ends first."""
+        done = step / (self.cfg.epochs * self.steps_per_epoch)
+        if self.cfg.max_seconds:
+            done = max(done, self.train_seconds / self.cfg.max_seconds)
+        return done
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up then linear decay to zero, over the run's progress: robust for few-epoch CPU runs."""
+        total = self.cfg.epochs * self.steps_per_epoch
+        warmup = max(1, round(self.cfg.warmup_epochs * self.steps_per_epoch)) / total  # as a share of the run
+        done = self.progress(step)
+        return min((done + 1 / total) / warmup, max(0.0, (1 - done) / max(1e-9, 1 - warmup)))
+
+    def out_of_time(self) -> bool:
+        """Whether --max-seconds of training steps are spent."""
+        return bool(self.cfg.max_seconds) and self.train_seconds >= self.cfg.max_seconds
 
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -103,8 +123,9 @@ class Trainer:
             "memory": self.memory.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
+            "train_seconds": self.train_seconds,
             "device_type": self.device.type,
-            "rng": {"torch": torch.get_rng_state(), "perm": self.perm_gen.get_state(),
+            "rng": {"torch": torch.get_rng_state(), "perm": self.perm_gen.get_state(), "pass": self.pass_rng,
                     "aug": self.aug_gen.get_state()},
         }
 
@@ -118,7 +139,11 @@ class Trainer:
             # The crop generator's state is device-specific; a run continues where it was trained.
             raise CheckpointError(f"checkpoint was trained on {state['device_type']}: resume it with --device "
                                   f"{state['device_type']}")
-        self.encoder.load_state_dict(state["encoder"])
+        try:
+            self.encoder.load_state_dict(state["encoder"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint's {self.cfg.encoder} encoder does not fit this version's "
+                                  f"({str(e).splitlines()[0]}): train a new run with --out") from e
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.memory = MemoryBank.from_state_dict(state["memory"], self.device)
@@ -126,8 +151,10 @@ class Trainer:
             raise CheckpointError(f"checkpoint memory has {self.memory.size} cells but the data set has "
                                   f"{len(self.train_y)} training images: check --dataset/--data-dir")
         self.step, self.epoch = state["step"], state["epoch"]
+        self.train_seconds = state.get("train_seconds", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
         self.perm_gen.set_state(state["rng"]["perm"])
+        self.pass_rng = state["rng"].get("pass", self.pass_rng)
         self.aug_gen.set_state(state["rng"]["aug"])
 
     # -- one step -----------------------------------------------------------------------------------------
@@ -150,7 +177,8 @@ class Trainer:
         if cfg.topk == 0:
             return dense_read(u, mem.embeddings, mem.labels, C, cfg.temperature, exclude_ids=idx)
         # K + 1 candidates so that dropping the query's own cell still leaves K.
-        _, ids = self.refresher.search(u.detach(), cfg.topk + 1)
+        with record_function("search"):
+            _, ids = self.refresher.search(u.detach(), cfg.topk + 1)
         ids = ids.to(self.device)
         return sparse_read(u, ids, mem.embeddings, mem.labels, C, cfg.temperature, exclude=exclusion_mask(ids, idx))
 
@@ -159,50 +187,79 @@ class Trainer:
         return TrainingError(f"loss became {value} at step {self.step} (epoch {self.epoch + 1}): lower --lr (now "
                              f"{cfg.lr}) or raise --temperature (now {cfg.temperature}); the last checkpoint is intact")
 
-    def train_epoch(self) -> tuple[float, float]:
+    def train_epoch(self, max_steps: int | None = None) -> dict:
+        """The rest of the current pass over the training set (cut short by --max-seconds or `max_steps`)."""
         cfg, n = self.cfg, len(self.train_y)
         self.encoder.train()
-        perm = torch.randperm(n, generator=self.perm_gen).to(self.device)
+        first = self.step % self.steps_per_epoch  # > 0 only when a time budget cut the pass and a resume continues it
+        if first == 0:
+            self.pass_rng = self.perm_gen.get_state()
+            perm = torch.randperm(n, generator=self.perm_gen)
+        else:  # the cut pass's own order, regenerated; the support-sample stream goes on from where it was
+            perm = torch.randperm(n, generator=torch.Generator().set_state(self.pass_rng))
+        perm = perm.to(self.device)
         loss_sum = torch.zeros((), device=self.device)
-        start = time.perf_counter()
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step",
-                   leave=False, mininterval=1.0)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen, start = 0, time.perf_counter()
+        last = self.steps_per_epoch if max_steps is None else min(self.steps_per_epoch, first + max_steps)
+        bar = tqdm(range(first, last), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                   mininterval=1.0)
         for i in bar:
+            step_start = self.clock()
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            # Named phases, for torch.profiler (benchmarks/profile_step.py); free when no profiler runs.
+            with record_function("batch"):
+                x = self.batch(idx)
             if cfg.head == "softmax":
-                u, log_probs = None, F.log_softmax(self.encoder.logits(self.batch(idx)), dim=1)
+                with record_function("encoder"):
+                    u, log_probs = None, F.log_softmax(self.encoder.logits(x), dim=1)
             else:
-                u = self.encoder(self.batch(idx))
+                with record_function("encoder"):
+                    u = self.encoder(x)
                 # Diverged weights show first as non-finite embeddings, which an index cannot search; the
                 # search syncs with the host anyway, so this check costs no extra stall.
                 if not torch.isfinite(u).all():
                     raise self.diverged("nan")
-                log_probs = self.log_probs(u, idx)
+                with record_function("read"):
+                    log_probs = self.log_probs(u, idx)
             loss = F.nll_loss(log_probs, self.train_y[idx])
             if i % 20 == 0:  # a host sync every step would stall a GPU; every 20 still catches a NaN early
                 value = loss.item()
                 if not math.isfinite(value):
                     raise self.diverged(value)
-                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{(i + 1) * cfg.batch_size / (time.perf_counter() - start):.0f}")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.sched.step()
-            loss_sum += loss.detach()
+                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{seen / max(1e-9, time.perf_counter() - start):.0f}")
+            with record_function("backward"):
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with record_function("optimizer"):
+                self.opt.step()
+                self.sched.step()
+            # Training accuracy as the seed's curves show it: the augmented batch, its own cell excluded.
+            correct += (log_probs.detach().argmax(1) == self.train_y[idx]).sum()
+            loss_sum += loss.detach() * len(idx)
+            seen += len(idx)
             self.step += 1
             if u is not None and not cfg.support_sample:
-                self.memory.write(idx, u, cfg.eta, self.step)
+                with record_function("memory write"):
+                    self.memory.write(idx, u, cfg.eta, self.step)
                 if cfg.topk:  # the dense read needs no index
-                    self.refresher.step(self.step)
-        mean_loss = loss_sum.item() / self.steps_per_epoch
+                    with record_function("index refresh"):
+                        self.refresher.step(self.step)
+            self.train_seconds += self.clock() - step_start
+            if self.out_of_time():
+                break
+        bar.close()
+        mean_loss = loss_sum.item() / seen
         if not math.isfinite(mean_loss):
             raise self.diverged(mean_loss)
-        return mean_loss, n / (time.perf_counter() - start)
+        return {"train_loss": mean_loss, "train_acc": 100.0 * correct.item() / seen,
+                "images_per_s": seen / (time.perf_counter() - start)}
 
     # -- the run ----------------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Memory (encoded now, unless a checkpoint brought it) and the index over it: what a step reads."""
         if self.memory is None:
+            self.calibrate_batchnorm()
             self.memory = MemoryBank(self.encode_memory(), self.train_y)
         cfg = self.cfg
         # "epoch" is served by the rebuild fit() forces before each evaluation.
@@ -211,6 +268,27 @@ class Trainer:
         self.refresher = IndexRefresher(self.memory.embeddings, index_params(cfg, self.device), k=max(cfg.topk, 1) + 1,
                                         rebuild_every=every, staleness_threshold=cfg.staleness_threshold,
                                         background=cfg.background_rebuild, log=self.log, seed=cfg.seed)
+
+    @torch.no_grad()
+    def calibrate_batchnorm(self, images: int = 4096) -> None:
+        """Real-batch statistics in fresh BatchNorm layers, so the eval-mode memory looks like train-mode queries."""
+        # With a new network's running statistics (mean 0, variance 1) the first memory would be unlike the
+        # queries that read it, and the first epoch would learn against noise (CIFAR-10/cnn validation after
+        # one epoch: 40% without this, 62% with it).
+        norms = [m for m in self.encoder.modules() if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)]
+        if not norms:
+            return
+        stride = max(1, len(self.train_x) // images)  # spread over the set: some formats store it class by class
+        sample = self.train_x[::stride]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the calibration batches
+        self.encoder.train()
+        for i in range(0, len(sample), self.cfg.batch_size):
+            self.encoder(sample[i : i + self.cfg.batch_size])
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
 
     def refresh_memory(self) -> None:
         """Re-encode every cell with the current encoder (no augmentation): the memory evaluation reads."""
@@ -228,10 +306,10 @@ class Trainer:
         self.prepare()
         record: dict = {}
         run_start = time.perf_counter()
-        while self.epoch < cfg.epochs:
+        while self.epoch < cfg.epochs and not self.out_of_time():
             epoch_start, rebuilds_before = time.perf_counter(), self.refresher.rebuilds
-            train_loss, images_per_s = self.train_epoch()
-            self.epoch += 1
+            epoch = self.train_epoch()
+            self.epoch = self.step // self.steps_per_epoch  # whole passes; a time budget may cut the last one short
             self.refresh_memory()
             self.refresher.rebuild("evaluation")
             if cfg.head == "softmax":
@@ -240,16 +318,21 @@ class Trainer:
                 test_acc = accuracy(self.encoder, self.data.test_x, self.data.test_y, self.memory,
                                     self.refresher.index, cfg.topk, self.data.num_classes, cfg.temperature,
                                     cfg.eval_batch_size)
-            record = {"epoch": self.epoch, "step": self.step, "train_loss": round(train_loss, 5),
-                      "test_acc": round(test_acc, 3), "images_per_s": round(images_per_s, 1),
+            record = {"epoch": round(self.step / self.steps_per_epoch, 4), "step": self.step,
+                      "train_loss": round(epoch["train_loss"], 5), "train_acc": round(epoch["train_acc"], 3),
+                      "test_acc": round(test_acc, 3), "images_per_s": round(epoch["images_per_s"], 1),
                       "seconds": round(time.perf_counter() - epoch_start, 2),
                       "index_rebuilds": self.refresher.rebuilds - rebuilds_before}
             run.append_metrics(record)
             self.save(run)
-            self.log(f"epoch {self.epoch}/{cfg.epochs}  loss {train_loss:.4f}  test acc {test_acc:.2f}%  "
-                     f"{images_per_s:.0f} img/s  {record['seconds']:.1f}s  rebuilds {record['index_rebuilds']}")
-        return {"test_acc": record.get("test_acc"), "epochs": self.epoch, "seconds": round(time.perf_counter() - run_start, 2),
-                "run_dir": str(run.path), "images_per_s": record.get("images_per_s")}
+            self.log(f"epoch {record['epoch']:g}/{cfg.epochs}  loss {epoch['train_loss']:.4f}  train acc "
+                     f"{epoch['train_acc']:.2f}%  test acc {test_acc:.2f}%  {epoch['images_per_s']:.0f} img/s  "
+                     f"{record['seconds']:.1f}s  rebuilds {record['index_rebuilds']}")
+        if self.out_of_time():
+            self.log(f"stopped by --max-seconds {cfg.max_seconds:g} after {record.get('epoch', 0):g} epochs")
+        return {"test_acc": record.get("test_acc"), "epochs": record.get("epoch"),
+                "seconds": round(time.perf_counter() - run_start, 2), "run_dir": str(run.path),
+                "images_per_s": record.get("images_per_s")}
 
 
 def train(cfg: Config, resume: bool = False, log=print) -> dict:
@@ -266,12 +349,15 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     trainer = Trainer(cfg, log)
     if resume:
         trainer.load_state_dict(state)
+        if trainer.out_of_time():
+            raise ConfigError(f"{run.path} has used its --max-seconds {cfg.max_seconds:g}: pass a larger "
+                              f"--max-seconds to train it further")
         if trainer.epoch >= cfg.epochs:
             raise ConfigError(f"{run.path} has already trained {trainer.epoch} epochs: pass --epochs N with N > "
                               f"{trainer.epoch} to train it further")
         log(f"resuming {run.path} at epoch {trainer.epoch}, step {trainer.step}")
     # Lines of epochs whose checkpoint never landed would otherwise repeat or outlive the run.
-    run.truncate_metrics(trainer.epoch)
+    run.truncate_metrics(trainer.step)
     run.path.mkdir(parents=True, exist_ok=True)
     run.save_config(cfg)
     return trainer.fit(run)

@@ -7,7 +7,7 @@ import torch
 from datafiles import write_cifar10
 
 from sam_cls.checkpoint import RunDir, load_tensors
-from sam_cls.config import make_config
+from sam_cls.config import ConfigError, make_config
 from sam_cls.read import dense_read
 from sam_cls.train import Trainer, TrainingError, train
 
@@ -116,3 +116,85 @@ def test_nan_loss_stops_with_a_clear_error_and_no_checkpoint(tmp_path):
 def test_validation_split_replaces_test_and_shrinks_train(tmp_path):
     trainer = Trainer(config(tmp_path, validation=0.25), log=quiet)
     assert len(trainer.data.train_y) == 450 and len(trainer.data.test_y) == 150
+
+
+def fake_clock(monkeypatch):
+    """A step clock that advances one second per reading: each step takes exactly one second."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(Trainer, "clock", staticmethod(lambda: float(next(ticks))))
+
+
+def test_time_budget_stops_mid_epoch_and_reports_fractional_epochs(tmp_path, monkeypatch):
+    fake_clock(monkeypatch)
+    result = train(config(tmp_path, epochs=5, max_seconds=4), log=quiet)
+    run = RunDir(result["run_dir"])
+    assert result["epochs"] == 0.4 == run.load_metrics()[-1]["epoch"]  # 4 of the 10 steps of a pass
+    state = load_tensors(run.checkpoint)
+    assert state["step"] == 4 and state["train_seconds"] == 4 and state["epoch"] == 0
+    with pytest.raises(ConfigError, match="max-seconds"):
+        train(config(tmp_path, epochs=5, max_seconds=4), resume=True, log=quiet)
+
+
+def test_a_resumed_cut_pass_finishes_the_same_batch_order(tmp_path, monkeypatch):
+    fake_clock(monkeypatch)
+    train(config(tmp_path, epochs=2, max_seconds=4), log=quiet)
+    seen = []
+    original = Trainer.batch
+    monkeypatch.setattr(Trainer, "batch", lambda self, idx: (seen.append(idx.clone()), original(self, idx))[1])
+    result = train(config(tmp_path, epochs=2), resume=True, log=quiet)
+    run = RunDir(result["run_dir"])
+    assert [r["epoch"] for r in run.load_metrics()] == [0.4, 1.0, 2.0] and result["epochs"] == 2
+    # Steps 5-10 of the first pass, then a full second pass: each pass covers every training image once.
+    first_pass = torch.cat(seen[:6])
+    untouched = Trainer(config(tmp_path, "fresh", epochs=2), log=quiet)
+    full_first = torch.randperm(600, generator=untouched.perm_gen)
+    assert torch.equal(first_pass, full_first[4 * 64 :])
+    assert torch.equal(torch.cat(seen[6:]).sort().values, torch.arange(600))
+
+
+def test_schedule_without_a_budget_is_warmup_then_linear_decay(tmp_path):
+    trainer = Trainer(config(tmp_path, epochs=3, warmup_epochs=0.5), log=quiet)
+    total, warmup = 30, 5  # 10 steps a pass, warm-up round(0.5 * 10)
+    for s in range(total + 1):
+        expected = min((s + 1) / warmup, max(0.0, (total - s) / (total - warmup)))
+        assert trainer.lr_factor(s) == pytest.approx(expected)
+
+
+def test_schedule_runs_to_the_time_budget_when_it_ends_first(tmp_path):
+    trainer = Trainer(config(tmp_path, epochs=4, warmup_epochs=0, max_seconds=100), log=quiet)
+    assert trainer.lr_factor(0) == pytest.approx(1.0, abs=0.05)
+    trainer.train_seconds = 50  # half the budget spent after very few steps: half the rate left
+    assert trainer.lr_factor(1) == pytest.approx(0.5, abs=0.05)
+    trainer.train_seconds = 100
+    assert trainer.lr_factor(2) == 0.0
+
+
+def test_metrics_carry_train_accuracy(tmp_path):
+    result = train(config(tmp_path, epochs=2), log=quiet)
+    records = RunDir(result["run_dir"]).load_metrics()
+    assert all(0 <= r["train_acc"] <= 100 for r in records) and records[-1]["train_acc"] > 40
+
+
+def test_batchnorm_is_calibrated_before_the_first_memory(tmp_path):
+    # A fresh BatchNorm's running statistics (0, 1) would make the eval-mode memory unlike train-mode queries.
+    trainer = Trainer(config(tmp_path, encoder="cnn", synthetic_shape=[3, 8, 8]), log=quiet)
+    trainer.prepare()
+    norm = next(m for m in trainer.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert norm.momentum == 0.1 and norm.num_batches_tracked > 0
+    assert not torch.allclose(norm.running_var, torch.ones_like(norm.running_var))
+    # The memory is what the calibrated eval-mode encoder says about each image.
+    trainer.encoder.eval()
+    with torch.no_grad():
+        assert torch.allclose(trainer.memory.embeddings[:5], trainer.encoder(trainer.train_x[:5]), atol=1e-5)
+
+
+def test_a_checkpoint_from_another_encoder_layout_is_refused_by_name(tmp_path):
+    from sam_cls.checkpoint import CheckpointError, atomic_save
+
+    result = train(config(tmp_path, epochs=1), log=quiet)
+    run = RunDir(result["run_dir"])
+    state = load_tensors(run.checkpoint)
+    state["encoder"]["body.1.weight"] = torch.zeros(3, 3)  # weights of a differently shaped layer
+    atomic_save(state, run.checkpoint)
+    with pytest.raises(CheckpointError, match="linear encoder does not fit"):
+        train(config(tmp_path, epochs=2), resume=True, log=quiet)
