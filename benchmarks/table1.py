@@ -179,15 +179,20 @@ def paper(row: dict) -> float | None:
     return PAPER.get((row["method"], row["encoder"]), {}).get(row["dataset"])
 
 
+def row_text(r: dict) -> dict[str, str]:
+    """A cell's figures as table text, shared by the printed and the markdown table; blank where absent."""
+    return {"accuracy": num(r["accuracy"], ".2f"), "paper": num(paper(r), ".2f"),
+            "epochs": num(None if r["encoder"] == "pixels" else r.get("epochs"), "g"),
+            "seconds": num(r.get("seconds"), ".0f"), "images_per_s": num(r.get("images_per_s"), ".0f")}
+
+
 def print_table(rows: list[dict]) -> None:
     """The table on stdout, one line a cell, the paper's figure beside ours."""
     print(f"{'data':22s} {'method':20s} {'encoder':8s} {'acc %':>7s} {'paper':>7s} {'epochs':>7s} {'s':>8s} {'img/s':>8s}")
     for r in rows:
-        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
-        ref = "" if paper(r) is None else f"{paper(r):.2f}"
-        epochs = "" if r.get("epochs") is None or r["encoder"] == "pixels" else f"{r['epochs']:g}"
-        print(f"{r['data']:22s} {r['method']:20s} {r['encoder']:8s} {acc:>7s} {ref:>7s} {epochs:>7s} "
-              f"{r.get('seconds') or 0:8.0f} {r.get('images_per_s') or 0:8.0f}" + (f"  {r['note']}" if r.get("note") else ""))
+        t = row_text(r)
+        print(f"{r['data']:22s} {r['method']:20s} {r['encoder']:8s} {t['accuracy'] or '-':>7s} {t['paper']:>7s} "
+              f"{t['epochs']:>7s} {t['seconds']:>8s} {t['images_per_s']:>8s}" + (f"  {r['note']}" if r.get("note") else ""))
 
 
 def plot(rows: list[dict], path: Path) -> list[Path]:
@@ -266,11 +271,10 @@ def write_markdown(rows: list[dict], info: dict, plots: list[Path], path: Path) 
            "| data | method | encoder | accuracy | seed paper | epochs | seconds | images/s |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        acc = r.get("note") or f"{r['accuracy']:.2f}"
-        ref = "" if paper(r) is None else f"{paper(r):.2f}"
+        t = row_text(r)
         k = f" (k={r['k']})" if r.get("k") else ""
-        out.append(f"| {r['data']} | {r['method']}{k} | {r['encoder']} | {acc} | {ref} | {num(None if r['encoder'] == 'pixels' else r.get('epochs'), 'g')} | "
-                   f"{num(r.get('seconds'), '.0f')} | {num(r.get('images_per_s'), '.0f')} |")
+        out.append(f"| {r['data']} | {r['method']}{k} | {r['encoder']} | {r.get('note') or t['accuracy']} | "
+                   f"{t['paper']} | {t['epochs']} | {t['seconds']} | {t['images_per_s']} |")
     out += ["", "## Targets", "", *targets(rows), "", "## How each cell was run", "",
             "- kNN: FAISS exact L2 search over raw pixels scaled to [0, 1] (and over their PCA to 30 dimensions, fitted "
             "on training pixels); majority vote; k chosen from " + ", ".join(map(str, KNN_KS)) + f" on a {VALIDATION:.0%} "

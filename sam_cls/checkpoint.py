@@ -47,23 +47,28 @@ class RunDir:
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def load_metrics(self) -> list[dict]:
-        """The per-epoch records, oldest first."""
+    def _lines(self) -> list[tuple[str, dict | None]]:
+        """Each metrics line with its record; None for a line cut short by an interrupted write."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        out = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            out.append((line, record if isinstance(record, dict) else None))
+        return out
+
+    def load_metrics(self) -> list[dict]:
+        """The per-epoch records, oldest first."""
+        return [record for _, record in self._lines() if record is not None]
 
     def truncate_metrics(self, steps_done: int) -> None:
         """Drop metrics of epochs whose checkpoint never landed, so a resumed run does not repeat lines."""
         if not self.metrics.is_file():
             return
-        kept = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= steps_done:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass  # a line cut short by an interrupted write
+        kept = [line for line, record in self._lines() if record is not None and record.get("step", steps_done + 1) <= steps_done]
         self.metrics.write_text("".join(ln + "\n" for ln in kept))
 
 

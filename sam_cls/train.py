@@ -86,6 +86,7 @@ class Trainer:
         self.opt = torch.optim.SGD(self.encoder.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                    weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
         self.train_seconds = 0.0  # time spent in training steps, against --max-seconds
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         self.perm_gen = torch.Generator().manual_seed(cfg.seed)  # batch order and support samples
@@ -96,14 +97,14 @@ class Trainer:
 
     def progress(self, step: int) -> float:
         """Share of the run done after `step` steps: by steps, or by seconds where a time budget ends first."""
-        done = step / (self.cfg.epochs * self.steps_per_epoch)
+        done = step / self.total_steps
         if self.cfg.max_seconds:
             done = max(done, self.train_seconds / self.cfg.max_seconds)
         return done
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up then linear decay to zero, over the run's progress: robust for few-epoch CPU runs."""
-        total = self.cfg.epochs * self.steps_per_epoch
+        total = self.total_steps
         warmup = max(1, round(self.cfg.warmup_epochs * self.steps_per_epoch)) / total  # as a share of the run
         done = self.progress(step)
         return min((done + 1 / total) / warmup, max(0.0, (1 - done) / max(1e-9, 1 - warmup)))
