@@ -82,15 +82,17 @@ def main() -> None:
         rows[name] = {"step_ms": round(statistics.median(step_ms[name]), 2),
                       "phases_ms_profiled": {p: round(statistics.median(r[p] for r in phases[name]), 2) for p in PHASES}}
     overhead = rows["sam-cls"]["step_ms"] - rows["softmax"]["step_ms"]
-    print(f"{data}, encoder {args.encoder}, batch {trainers['sam-cls'].cfg.batch_size}, "
-          f"index {trainers['sam-cls'].refresher.index.description}")
+    refresher = trainers["sam-cls"].refresher
+    index = refresher.index.description + (f", training reads nprobe={refresher.train_nprobe}"
+                                           if refresher.train_nprobe else "")
+    print(f"{data}, encoder {args.encoder}, batch {trainers['sam-cls'].cfg.batch_size}, index {index}")
     print(f"{'phase (ms/step, profiled; read includes search)':28s} {'sam-cls':>9s} {'softmax':>9s}")
     for p in PHASES:
         print(f"{p:28s} {rows['sam-cls']['phases_ms_profiled'][p]:9.2f} {rows['softmax']['phases_ms_profiled'][p]:9.2f}")
     print(f"{'step (unprofiled, median)':28s} {rows['sam-cls']['step_ms']:9.2f} {rows['softmax']['step_ms']:9.2f}")
     print(f"memory overhead {overhead:.1f} ms/step; throughput ratio {rows['softmax']['step_ms'] / rows['sam-cls']['step_ms']:.3f}")
     report = {"command": shlex.join(["python", *sys.argv]), "data": data, "encoder": args.encoder,
-              "batch_size": trainers["sam-cls"].cfg.batch_size, "index": trainers["sam-cls"].refresher.index.description,
+              "batch_size": trainers["sam-cls"].cfg.batch_size, "index": index,
               "rounds": ROUNDS, "steps_per_measurement": steps, "rows": rows,
               "ratio": round(rows["softmax"]["step_ms"] / rows["sam-cls"]["step_ms"], 3),
               "machine": describe()}

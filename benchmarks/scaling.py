@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from machine import describe
 
 from sam_cls.config import Config
-from sam_cls.index import IndexParams, build_index
+from sam_cls.index import IndexParams, IndexRefresher
 from sam_cls.index.synthetic import clustered_embeddings
 from sam_cls.memory import MemoryBank
 from sam_cls.model import build_encoder
@@ -148,12 +148,15 @@ def sparse_row(bank: MemoryBank, kind: str, batches: tuple, repeats: int, seed: 
     idx, queries = batches
     reset_peak_rss()
     start = time.perf_counter()
-    index = build_index(bank.embeddings, IndexParams(kind=kind, nlist=nlist), k=K + 1, seed=seed)
+    # The refresher is what a training step searches through: it sets the shallower training depth (IVF).
+    refresher = IndexRefresher(bank.embeddings, IndexParams(kind=kind, nlist=nlist), k=K + 1, rebuild_every=None,
+                               seed=seed, recall_sample=0)
+    index = refresher.index
     build_s = time.perf_counter() - start
 
     def step(i: int) -> None:
         u = queries[i].clone().requires_grad_()
-        _, ids = index.search(u.detach(), K + 1)  # K + 1 so that masking the query's own cell leaves K
+        _, ids = refresher.search(u.detach(), K + 1)  # K + 1 so that masking the query's own cell leaves K
         log_probs = sparse_read(u, ids, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE,
                                 exclude=exclusion_mask(ids, idx[i]))
         F.nll_loss(log_probs, bank.labels[idx[i]]).backward()
@@ -174,7 +177,7 @@ def sparse_row(bank: MemoryBank, kind: str, batches: tuple, repeats: int, seed: 
             "bytes_per_cell": round(per_cell + 4 * D, 1), "index_bytes_per_cell": round(per_cell, 1),
             "storage": f"float32 memory ({4 * D} B) + {kind} index",
             "queries_per_s": round(B / infer_ms * 1e3, 1), "peak_rss_mb": peak,
-            "description": index.description}
+            "description": index.description, "train_nprobe": refresher.train_nprobe}
 
 
 def dense_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:

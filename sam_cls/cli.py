@@ -83,6 +83,7 @@ def main() -> None:
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float, help="Peak learning rate (SGD, warm-up then linear decay).")
 @index_options
+@click.option("--train-nprobe", type=click.IntRange(min=1), help="IVF lists a training read scans (default: ~4K cells).")
 @click.option("--rebuild-every", help="Rebuild the index every N steps, 'epoch' or 'auto' (on measured staleness).")
 @click.option("--background-rebuild/--no-background-rebuild", default=None, help="Build the next index in a thread.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))

@@ -50,6 +50,7 @@ class Config:
     index: str = "auto"
     nlist: int | None = None
     nprobe: int | None = None
+    train_nprobe: int | None = None  # a training read's IVF depth (None: ~4K candidates, see index/params.py)
     pq_m: int | None = None
     hnsw_m: int | None = None
     ef_search: int | None = None

@@ -29,9 +29,10 @@ class MemoryBank:
     @torch.no_grad()
     def write(self, ids: torch.Tensor, u: torch.Tensor, eta: float, step: int) -> None:
         """Momentum write of the batch's own cells: m <- normalise(eta m + (1 - eta) u)."""
-        mixed = eta * self.embeddings[ids] + (1.0 - eta) * u.detach().to(self.embeddings)
-        self.embeddings[ids] = F.normalize(mixed, dim=1)
-        self.last_written[ids] = step
+        # index_select / index_copy_: the plain kernels, cheaper on CPU than advanced indexing's.
+        mixed = torch.lerp(u.detach().to(self.embeddings), self.embeddings.index_select(0, ids), eta)
+        self.embeddings.index_copy_(0, ids, F.normalize(mixed, dim=1))
+        self.last_written.index_fill_(0, ids, step)
 
     @torch.no_grad()
     def replace(self, embeddings: torch.Tensor, step: int) -> None:

@@ -19,6 +19,39 @@ def class_log_probs(scores: torch.Tensor, labels: torch.Tensor, num_classes: int
     return per_class.clamp_min(TINY).log()
 
 
+class SparseRead(torch.autograd.Function):
+    """The K-candidate read with its backward written out: one gather and two small matmuls a step."""
+
+    # Autograd through the same ops records ~15 nodes a step and gathers by advanced indexing (2.2 ms for
+    # 128 x 257 cells of d=128 on 2 CPU cores, against 0.7 ms for index_select); the hot path is worth a formula.
+    @staticmethod
+    def forward(ctx, u, ids, memory, labels, num_classes, temperature, exclude):
+        B, K = ids.shape
+        cells = memory.index_select(0, ids.reshape(-1)).view(B, K, -1)  # (B, K, d): the only cells touched
+        scores = torch.bmm(cells, u.unsqueeze(2)).squeeze(2).div_(temperature)
+        if exclude is not None:
+            scores.masked_fill_(exclude, float("-inf"))
+        cell_labels = labels.index_select(0, ids.reshape(-1)).view(B, K)
+        p = torch.softmax(scores, dim=1)
+        per_class = torch.zeros(B, num_classes, dtype=p.dtype, device=p.device).scatter_add_(1, cell_labels, p)
+        log_probs = per_class.clamp_min(TINY).log()
+        ctx.save_for_backward(cells, cell_labels, p, per_class)
+        ctx.temperature = temperature
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cells, cell_labels, p, per_class = ctx.saved_tensors
+        # log P_c = log sum_{i: label_i = c} p_i, so ds_i = p_i (g_{label_i} / P_{label_i} - sum_c g_c); a
+        # class floored at TINY passes no gradient, as the clamp in the forward says.
+        live = per_class > TINY
+        ratio = torch.where(live, grad_out / per_class, torch.zeros_like(per_class))
+        g_sum = (grad_out * live).sum(dim=1, keepdim=True)
+        d_scores = p * (ratio.gather(1, cell_labels) - g_sum)
+        grad_u = torch.bmm(d_scores.unsqueeze(1), cells).squeeze(1).div_(ctx.temperature)
+        return grad_u, None, None, None, None, None, None
+
+
 def sparse_read(
     u: torch.Tensor,
     ids: torch.Tensor,
@@ -29,11 +62,7 @@ def sparse_read(
     exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class log-probabilities from the K candidate cells `ids` (B, K); gradients reach u only."""
-    cells = memory[ids]  # (B, K, d): the only cells this read touches
-    scores = torch.bmm(cells, u.unsqueeze(2)).squeeze(2) / temperature
-    if exclude is not None:
-        scores = scores.masked_fill(exclude, float("-inf"))
-    return class_log_probs(scores, labels[ids], num_classes)
+    return SparseRead.apply(u, ids, memory.detach(), labels, num_classes, temperature, exclude)
 
 
 def exclusion_mask(ids: torch.Tensor, own: torch.Tensor) -> torch.Tensor:

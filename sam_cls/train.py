@@ -36,8 +36,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def index_params(cfg: Config, device: torch.device) -> IndexParams:
-    return IndexParams(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, pq_m=cfg.pq_m, hnsw_m=cfg.hnsw_m,
-                       ef_search=cfg.ef_search, fp16=cfg.fp16, device=device.type)
+    return IndexParams(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, train_nprobe=cfg.train_nprobe,
+                       pq_m=cfg.pq_m, hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search, fp16=cfg.fp16, device=device.type)
 
 
 def get_dataset(cfg: Config, log) -> Dataset:

@@ -122,3 +122,12 @@ def test_readme_commands_are_what_ci_runs():
     readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
     for command in ('pip install -e ".[cpu,dev]"', "pytest -q"):
         assert f"\n{command}\n" in readme and f"\n{command}\n" in ci, command
+
+
+def test_train_nprobe_option_sets_the_training_search_depth(tmp_path):
+    out = tmp_path / "run"
+    result = run("train", "--dataset", "synthetic", *TINY, "--epochs", "1", "--index", "ivf", "--nlist", "8",
+                 "--nprobe", "6", "--train-nprobe", "2", "--out", out)
+    assert "nprobe=6" in result.output and "training reads nprobe=2" in result.output
+    assert "train_nprobe: 2" in (out / "config.yaml").read_text()
+    assert "--train-nprobe" in run("train", "--train-nprobe", "0", ok=False).output  # named in the error

@@ -22,6 +22,7 @@ from sam_cls.index import (
     recall_at_k,
 )
 from sam_cls.index._faiss import has_faiss_gpu
+from sam_cls.index.params import default_nprobe, default_train_nprobe
 from sam_cls.index.synthetic import clustered_embeddings
 
 KINDS = [kind for kind in INDEX_KINDS if kind != "auto"]
@@ -91,6 +92,30 @@ def test_ivf_never_returns_missing_ids(small):
     ids = index.search(q, 100)[1]
     assert (ids >= 0).all()
     assert index.params.nprobe == 1  # the widening is per call only
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_search_nprobe_narrows_one_call_and_never_deepens(kind, small):
+    x, q = small
+    deep = build_index(x, IndexParams(kind=kind, nlist=50, nprobe=16), k=10, seed=2)
+    shallow = build_index(x, IndexParams(kind=kind, nlist=50, nprobe=2), k=10, seed=2)  # same lists: same seed
+    assert torch.equal(deep.search(q, 10, nprobe=2)[1], shallow.search(q, 10)[1])
+    assert deep.params.nprobe == 16 and "nprobe=16" in deep.description
+    assert torch.equal(deep.search(q, 10, nprobe=64)[1], deep.search(q, 10)[1])  # a deeper ask is capped
+    assert not torch.equal(deep.search(q, 10)[1], shallow.search(q, 10)[1])  # the depth matters on this data
+
+
+def test_refresher_reads_at_the_training_depth(small):
+    x, q = small
+    ivf = IndexRefresher(x, IndexParams(kind="ivf", nlist=50), k=40, rebuild_every=None)
+    # ~4 candidates per k over lists of ~40 cells: 4 lists, raised to the floor of 8; evaluation scans 32+.
+    assert ivf.train_nprobe == default_train_nprobe(2000, 50, 40) == 8 < ivf.index.params.nprobe
+    assert torch.equal(ivf.search(q, 40)[1], ivf.index.search(q, 40, nprobe=8)[1])
+    chosen = IndexRefresher(x, IndexParams(kind="ivf", nlist=50, train_nprobe=3), k=40, rebuild_every=None)
+    assert chosen.train_nprobe == 3
+    assert IndexRefresher(x, IndexParams(kind="flat"), k=40, rebuild_every=None).train_nprobe is None
+    # CIFAR-10's memory: 50k cells in 894 lists, K + 1 = 257 -> 19 lists read in training, 74 in evaluation.
+    assert (default_train_nprobe(50_000, 894, 257), default_nprobe(50_000, 894, 257)) == (19, 74)
 
 
 def test_hnsw_ef_search_below_k_raises(small):

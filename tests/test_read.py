@@ -48,9 +48,14 @@ def test_dense_read_gradcheck_float64():
 
 
 def test_sparse_read_gradcheck_float64():
-    u, memory, labels = make(n=23, d=5, b=3, c=3)
+    u, memory, labels = make(n=23, d=5, b=3, c=4)
+    labels[labels == 3] = 0  # class 3 is in no row's candidates: its floored log-probability passes no gradient
     ids = torch.randint(0, 23, (3, 6), generator=torch.Generator().manual_seed(1))
-    assert torch.autograd.gradcheck(lambda x: sparse_read(x, ids, memory, labels, 3, 0.3).sum(), (u,))
+    exclude = exclusion_mask(ids, torch.tensor([ids[0, 2].item(), 22, ids[2, 0].item()]))
+    weights = torch.randn(3, 4, dtype=torch.float64)  # a generic upstream gradient, not only NLL's
+    assert torch.autograd.gradcheck(
+        lambda x: (sparse_read(x, ids, memory, labels, 4, 0.3, exclude=exclude) * weights).sum(), (u,)
+    )
 
 
 def test_log_probs_are_normalised_and_match_a_direct_softmax():

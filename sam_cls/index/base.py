@@ -27,8 +27,14 @@ class MemoryIndex(ABC):
     @abstractmethod
     def dim(self) -> int: ...
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores (B, k) float32 and ids (B, k) int64 on the queries' device, best first."""
+    def search(
+        self, queries: torch.Tensor, k: int, nprobe: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B, k) float32 and ids (B, k) int64 on the queries' device, best first.
+
+        nprobe narrows an IVF index's search for this call only (a training read needs less than an
+        evaluation); other kinds search as they are.
+        """
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}), got {tuple(queries.shape)}")
         if not 1 <= k <= self.size:
@@ -37,10 +43,12 @@ class MemoryIndex(ABC):
             empty = torch.empty(0, k, device=queries.device)
             return empty, empty.long()
         # detach(): faiss's torch bridge rejects Tensor subclasses such as nn.Parameter.
-        return self._search(queries.detach().float().contiguous(), k)
+        return self._search(queries.detach().float().contiguous(), k, nprobe)
 
     @abstractmethod
-    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def _search(
+        self, queries: torch.Tensor, k: int, nprobe: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     @abstractmethod
     def refresh(self, vectors: torch.Tensor) -> None:

@@ -188,10 +188,18 @@ class FaissIndex(MemoryIndex):
         return int(self.index.d)
 
     @property
+    def nlist(self) -> int:
+        """Inverted lists of an IVF kind."""
+        return int(self.index.nlist if self.on_gpu else self.faiss.extract_index_ivf(self.index).nlist)
+
+    @property
     def metric(self) -> int:
         return int(self.index.metric_type)
 
-    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, queries: torch.Tensor, k: int, nprobe: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if nprobe is not None and self.kind in IVF_KINDS and nprobe < self._get("nprobe"):
+            with self._knob("nprobe", nprobe):  # this call only: the index keeps its own depth
+                return self._search(queries, k, None)
         if self.on_gpu:
             if k > GPU_MAX_K:
                 raise ValueError(
@@ -287,8 +295,7 @@ class FaissIndex(MemoryIndex):
         """Re-search rows that came back with -1 ids, widening nprobe / efSearch 4x a time."""
         rows = (ids < 0).any(1).nonzero().squeeze(1)
         if self.kind in IVF_KINDS:
-            nlist = int(self.index.nlist if self.on_gpu else self.faiss.extract_index_ivf(self.index).nlist)
-            knob, limit = "nprobe", min(nlist, GPU_MAX_NPROBE) if self.on_gpu else nlist
+            knob, limit = "nprobe", min(self.nlist, GPU_MAX_NPROBE) if self.on_gpu else self.nlist
         elif self.kind == "hnsw":
             knob, limit = "efSearch", self.size
         else:  # flat is exhaustive: nothing to widen

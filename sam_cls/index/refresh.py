@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .auto import build_index
 from .base import MemoryIndex
 from .faiss_index import FaissIndex
-from .params import IVF_KINDS, IndexParams
+from .params import IVF_KINDS, IndexParams, default_train_nprobe
 from .recall import recall_at_k
 
 # A refresh re-using the old quantizer that falls below this recall makes the next rebuild retrain.
@@ -74,15 +74,24 @@ class IndexRefresher:
             self.index.params if isinstance(self.index, FaissIndex) else replace(params, kind="torch")
         )
         self._indexed_sample = snapshot[self._sample_ids].clone()
+        train = f", training reads nprobe={self.train_nprobe}" if self.train_nprobe else ""
         self.log(
-            f"index built: {self.index.description}, {self.index.size} cells, "
+            f"index built: {self.index.description}{train}, {self.index.size} cells, "
             f"{time.perf_counter() - start:.2f}s"
         )
 
     # -- searching and policy -------------------------------------------------------------------------
+    @property
+    def train_nprobe(self) -> int | None:
+        """IVF lists a training read scans: params.train_nprobe, else a shallow default (see params.py)."""
+        index = self.index
+        if index.kind not in IVF_KINDS:
+            return None
+        return self.params.train_nprobe or default_train_nprobe(index.size, index.nlist, self.k)
+
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Search the current index (the previous one while a background rebuild runs)."""
-        return self.index.search(queries, k)
+        """A training read's search of the current index (the previous one while a background rebuild runs)."""
+        return self.index.search(queries, k, nprobe=self.train_nprobe)
 
     def staleness(self) -> float:
         """Mean cosine drift (1 - cos) of a fixed cell sample between its indexed and current values."""
