@@ -1,7 +1,11 @@
 """What a benchmark's figures were measured on, recorded beside them in every results file."""
 
+import json
 import os
 import platform
+import shlex
+import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -16,3 +20,12 @@ def describe() -> dict:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
             "numpy": np.__version__}
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    """A benchmark's JSON, led by the command line that produced it and closed by the machine it ran on."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    full = {"command": shlex.join(["python", *sys.argv]), **report, "machine": describe()}
+    out.write_text(json.dumps(full, indent=1) + "\n")
+    print(f"wrote {out}")

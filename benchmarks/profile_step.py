@@ -13,13 +13,11 @@ alternate, three rounds, and medians are reported. Writes results/profile_step.j
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
 
-from machine import describe
+from machine import write_report
 from torch.profiler import ProfilerActivity, profile
 
 from sam_cls.config import Config
@@ -91,15 +89,10 @@ def main() -> None:
         print(f"{p:28s} {rows['sam-cls']['phases_ms_profiled'][p]:9.2f} {rows['softmax']['phases_ms_profiled'][p]:9.2f}")
     print(f"{'step (unprofiled, median)':28s} {rows['sam-cls']['step_ms']:9.2f} {rows['softmax']['step_ms']:9.2f}")
     print(f"memory overhead {overhead:.1f} ms/step; throughput ratio {rows['softmax']['step_ms'] / rows['sam-cls']['step_ms']:.3f}")
-    report = {"command": shlex.join(["python", *sys.argv]), "data": data, "encoder": args.encoder,
+    write_report({"data": data, "encoder": args.encoder,
               "batch_size": trainers["sam-cls"].cfg.batch_size, "index": index,
               "rounds": ROUNDS, "steps_per_measurement": steps, "rows": rows,
-              "ratio": round(rows["softmax"]["step_ms"] / rows["sam-cls"]["step_ms"], 3),
-              "machine": describe()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+              "ratio": round(rows["softmax"]["step_ms"] / rows["sam-cls"]["step_ms"], 3)}, args.out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ over all N cells, streamed in chunks with a running max so it never holds a B x 
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Floor for a class probability before its log: a class with no candidate among the K has P = 0.
 TINY = 1e-30
@@ -40,13 +41,14 @@ class SparseRead(torch.autograd.Function):
         return log_probs
 
     @staticmethod
+    @once_differentiable  # the formula treats p and the cells as constants: a second derivative would be wrong
     def backward(ctx, grad_out):
         cells, cell_labels, p, per_class = ctx.saved_tensors
         # log P_c = log sum_{i: label_i = c} p_i, so ds_i = p_i (g_{label_i} / P_{label_i} - sum_c g_c); a
         # class floored at TINY passes no gradient, as the clamp in the forward says.
         live = per_class > TINY
         ratio = torch.where(live, grad_out / per_class, torch.zeros_like(per_class))
-        g_sum = (grad_out * live).sum(dim=1, keepdim=True)
+        g_sum = torch.where(live, grad_out, torch.zeros_like(grad_out)).sum(dim=1, keepdim=True)
         d_scores = p * (ratio.gather(1, cell_labels) - g_sum)
         grad_u = torch.bmm(d_scores.unsqueeze(1), cells).squeeze(1).div_(ctx.temperature)
         return grad_u, None, None, None, None, None, None
@@ -108,6 +110,7 @@ class DenseRead(torch.autograd.Function):
         return log_probs
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         u, memory, labels, log_probs, log_total = ctx.saved_tensors
         probs = log_probs.exp()

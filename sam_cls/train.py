@@ -269,6 +269,9 @@ class Trainer:
         self.refresher = IndexRefresher(self.memory.embeddings, index_params(cfg, self.device), k=max(cfg.topk, 1) + 1,
                                         rebuild_every=every, staleness_threshold=cfg.staleness_threshold,
                                         background=cfg.background_rebuild, log=self.log, seed=cfg.seed)
+        if cfg.train_nprobe and cfg.topk and self.refresher.train_nprobe is None:
+            self.log(f"--train-nprobe {cfg.train_nprobe} applies to IVF indices only: the "
+                     f"{self.refresher.index.kind} index searches in full")
 
     @torch.no_grad()
     def calibrate_batchnorm(self, images: int = 4096) -> None:

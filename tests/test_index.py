@@ -103,6 +103,11 @@ def test_search_nprobe_narrows_one_call_and_never_deepens(kind, small):
     assert deep.params.nprobe == 16 and "nprobe=16" in deep.description
     assert torch.equal(deep.search(q, 10, nprobe=64)[1], deep.search(q, 10)[1])  # a deeper ask is capped
     assert not torch.equal(deep.search(q, 10)[1], shallow.search(q, 10)[1])  # the depth matters on this data
+    if kind == "ivfpq":  # the re-rank narrows the same way, for the call only
+        narrow = deep.search(q, 10, k_factor=1)[1]
+        assert deep.index.k_factor == 8
+        deep.index.k_factor = 1
+        assert torch.equal(narrow, deep.search(q, 10)[1])
 
 
 def test_refresher_reads_at_the_training_depth(small):

@@ -28,12 +28,12 @@ class MemoryIndex(ABC):
     def dim(self) -> int: ...
 
     def search(
-        self, queries: torch.Tensor, k: int, nprobe: int | None = None
+        self, queries: torch.Tensor, k: int, nprobe: int | None = None, k_factor: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B, k) float32 and ids (B, k) int64 on the queries' device, best first.
 
-        nprobe narrows an IVF index's search for this call only (a training read needs less than an
-        evaluation); other kinds search as they are.
+        nprobe (IVF kinds) and k_factor (ivfpq's re-rank) narrow the search for this call only, never
+        deepen it: a training read needs less than an evaluation. Other kinds search as they are.
         """
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}), got {tuple(queries.shape)}")
@@ -43,11 +43,11 @@ class MemoryIndex(ABC):
             empty = torch.empty(0, k, device=queries.device)
             return empty, empty.long()
         # detach(): faiss's torch bridge rejects Tensor subclasses such as nn.Parameter.
-        return self._search(queries.detach().float().contiguous(), k, nprobe)
+        return self._search(queries.detach().float().contiguous(), k, nprobe, k_factor)
 
     @abstractmethod
     def _search(
-        self, queries: torch.Tensor, k: int, nprobe: int | None
+        self, queries: torch.Tensor, k: int, nprobe: int | None, k_factor: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     @abstractmethod

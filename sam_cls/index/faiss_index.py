@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -196,10 +196,19 @@ class FaissIndex(MemoryIndex):
     def metric(self) -> int:
         return int(self.index.metric_type)
 
-    def _search(self, queries: torch.Tensor, k: int, nprobe: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if nprobe is not None and self.kind in IVF_KINDS and nprobe < self._get("nprobe"):
-            with self._knob("nprobe", nprobe):  # this call only: the index keeps its own depth
-                return self._search(queries, k, None)
+    def _search(
+        self, queries: torch.Tensor, k: int, nprobe: int | None, k_factor: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        narrower = {
+            knob: value
+            for knob, value, kinds in (("nprobe", nprobe, IVF_KINDS), ("k_factor", k_factor, ("ivfpq",)))
+            if value is not None and self.kind in kinds and value < self._get(knob)
+        }
+        if narrower:
+            with ExitStack() as knobs:  # this call only: the index keeps its own depth
+                for knob, value in narrower.items():
+                    knobs.enter_context(self._knob(knob, value))
+                return self._search(queries, k, None, None)
         if self.on_gpu:
             if k > GPU_MAX_K:
                 raise ValueError(
@@ -263,14 +272,18 @@ class FaissIndex(MemoryIndex):
         """The CPU form of the index: a copy for a GPU index, the index itself otherwise."""
         return self.faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
 
-    def _get(self, knob: str) -> int:
+    def _get(self, knob: str) -> float:
         if knob == "nprobe":
             return int((self.index if self.on_gpu else self.faiss.extract_index_ivf(self.index)).nprobe)
+        if knob == "k_factor":  # ivfpq's re-rank stage, CPU only
+            return self.index.k_factor
         return int(self.index.hnsw.efSearch)
 
-    def _set(self, knob: str, value: int) -> None:
+    def _set(self, knob: str, value: float) -> None:
         if knob == "nprobe":
             (self.index if self.on_gpu else self.faiss.extract_index_ivf(self.index)).nprobe = int(value)
+        elif knob == "k_factor":
+            self.index.k_factor = value
         else:
             self.index.hnsw.efSearch = int(value)
 

@@ -20,11 +20,16 @@ TRAIN_POINTS_PER_LIST = 64
 PROBE_CANDIDATES_PER_K = 16
 MIN_NPROBE = 32
 # A training read tolerates a much shallower search: it only needs the cells that carry its softmax. On
-# CIFAR-10/conv1 (N=5e4, nlist 894, k=257) the read's loss over a trained memory was 0.905 with exact
-# neighbours, 0.903 at nprobe 74 (recall 0.94) and 0.901 at nprobe 16 (recall 0.65), while 128 queries'
-# search time fell from 11.0 to 4.7 ms on 2 CPU cores. Evaluation and classify keep the deeper default.
+# CIFAR-10/conv1's trained memory (N=5e4, nlist 894, k=257; benchmarks/train_depth.py, 1024 training-mode
+# queries) the read's loss over rows with a positive among their cells was 0.919 with exact neighbours, 0.913
+# at nprobe 74 (recall 0.94) and 0.910 at nprobe 19 (recall 0.69); accuracy 68.95 / 68.36 / 68.36%; 128
+# queries' search 10.7 -> 5.1 ms on 2 CPU cores. Evaluation and classify keep the deeper default.
 TRAIN_PROBE_CANDIDATES_PER_K = 4
 MIN_TRAIN_NPROBE = 8
+# ...and a lighter ivfpq re-rank: at N=1e6 synthetic cells (d=128, k=257, training nprobe 8 of 4000 lists)
+# k_factor 8 -> 2 cut 256 queries' search from 53 to 22 ms for recall@257 0.425 -> 0.394; the re-rank reads
+# k_factor * k scattered SQ8 codes a query, which at large N is most of the search.
+TRAIN_REFINE_K_FACTOR = 2
 # ivfpq re-ranks k_factor * k PQ candidates with SQ8 codes; 8 reached the IVF ceiling in every measured
 # setting (k_factor 2 lost up to 0.1 recall@256 at d=128 with 4-bit PQ).
 REFINE_K_FACTOR = 8

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .auto import build_index
 from .base import MemoryIndex
 from .faiss_index import FaissIndex
-from .params import IVF_KINDS, IndexParams, default_train_nprobe
+from .params import IVF_KINDS, TRAIN_REFINE_K_FACTOR, IndexParams, default_train_nprobe
 from .recall import recall_at_k
 
 # A refresh re-using the old quantizer that falls below this recall makes the next rebuild retrain.
@@ -75,6 +75,7 @@ class IndexRefresher:
         )
         self._indexed_sample = snapshot[self._sample_ids].clone()
         train = f", training reads nprobe={self.train_nprobe}" if self.train_nprobe else ""
+        train += f" k_factor={self.train_k_factor:g}" if self.train_k_factor else ""
         self.log(
             f"index built: {self.index.description}{train}, {self.index.size} cells, "
             f"{time.perf_counter() - start:.2f}s"
@@ -87,11 +88,19 @@ class IndexRefresher:
         index = self.index
         if index.kind not in IVF_KINDS:
             return None
-        return self.params.train_nprobe or default_train_nprobe(index.size, index.nlist, self.k)
+        wanted = self.params.train_nprobe or default_train_nprobe(index.size, index.nlist, self.k)
+        return min(wanted, index.params.nprobe)  # a search is narrowed, never deepened
+
+    @property
+    def train_k_factor(self) -> float | None:
+        """ivfpq's re-rank depth for a training read: TRAIN_REFINE_K_FACTOR, or the index's own if lower."""
+        if self.index.kind != "ivfpq":
+            return None
+        return min(TRAIN_REFINE_K_FACTOR, self.index.index.k_factor)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A training read's search of the current index (the previous one while a background rebuild runs)."""
-        return self.index.search(queries, k, nprobe=self.train_nprobe)
+        return self.index.search(queries, k, nprobe=self.train_nprobe, k_factor=self.train_k_factor)
 
     def staleness(self) -> float:
         """Mean cosine drift (1 - cos) of a fixed cell sample between its indexed and current values."""

@@ -60,7 +60,10 @@ class TorchExactIndex(MemoryIndex):
     def dim(self) -> int:
         return self.vectors.shape[1]
 
-    def _search(self, queries: torch.Tensor, k: int, nprobe: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(
+        self, queries: torch.Tensor, k: int, nprobe: int | None, k_factor: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Exact: nothing to narrow.
         scores, ids = exact_search(self.vectors, queries, k)
         return scores.to(queries.device), ids.to(queries.device)
 
