@@ -80,9 +80,7 @@ def main() -> None:
         rows[name] = {"step_ms": round(statistics.median(step_ms[name]), 2),
                       "phases_ms_profiled": {p: round(statistics.median(r[p] for r in phases[name]), 2) for p in PHASES}}
     overhead = rows["sam-cls"]["step_ms"] - rows["softmax"]["step_ms"]
-    refresher = trainers["sam-cls"].refresher
-    index = refresher.index.description + (f", training reads nprobe={refresher.train_nprobe}"
-                                           if refresher.train_nprobe else "")
+    index = trainers["sam-cls"].refresher.description
     print(f"{data}, encoder {args.encoder}, batch {trainers['sam-cls'].cfg.batch_size}, index {index}")
     print(f"{'phase (ms/step, profiled; read includes search)':28s} {'sam-cls':>9s} {'softmax':>9s}")
     for p in PHASES:

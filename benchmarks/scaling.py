@@ -261,12 +261,11 @@ def throughput(args: argparse.Namespace) -> dict | None:
     def median(key: str) -> float:
         return round(float(np.median([e[key] for e in epochs])), 3)
 
-    train = f", training reads nprobe={sam.refresher.train_nprobe}" if sam.refresher.train_nprobe else ""
     # Medians over epochs; the ratio is the median of each epoch's side-by-side ratio.
     return {"sam_cls_images_per_s": median("sam_cls_images_per_s"), "softmax_images_per_s": median("softmax_images_per_s"),
             "ratio": median("ratio"), "dataset": name, "encoder": "conv1", "epochs": args.epochs_throughput,
             "train_images": len(sam.train_y), "device": str(sam.device),
-            "index": sam.refresher.index.description + train, "rebuild_s_per_epoch": median("rebuild_s"),
+            "index": sam.refresher.description, "rebuild_s_per_epoch": median("rebuild_s"),
             "per_epoch": epochs}
 
 

@@ -74,14 +74,19 @@ class IndexRefresher:
             self.index.params if isinstance(self.index, FaissIndex) else replace(params, kind="torch")
         )
         self._indexed_sample = snapshot[self._sample_ids].clone()
-        train = f", training reads nprobe={self.train_nprobe}" if self.train_nprobe else ""
-        train += f" k_factor={self.train_k_factor:g}" if self.train_k_factor else ""
         self.log(
-            f"index built: {self.index.description}{train}, {self.index.size} cells, "
+            f"index built: {self.description}, {self.index.size} cells, "
             f"{time.perf_counter() - start:.2f}s"
         )
 
     # -- searching and policy -------------------------------------------------------------------------
+    @property
+    def description(self) -> str:
+        """The index's description, and the depth a training read searches it at where that is shallower."""
+        train = f", training reads nprobe={self.train_nprobe}" if self.train_nprobe else ""
+        train += f" k_factor={self.train_k_factor:g}" if self.train_k_factor else ""
+        return self.index.description + train
+
     @property
     def train_nprobe(self) -> int | None:
         """IVF lists a training read scans: params.train_nprobe, else a shallow default (see params.py)."""
