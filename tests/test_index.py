@@ -110,6 +110,31 @@ def test_search_nprobe_narrows_one_call_and_never_deepens(kind, small):
         assert torch.equal(narrow, deep.search(q, 10)[1])
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_many_lists_find_their_lists_by_an_hnsw_quantizer(kind, small, monkeypatch, tmp_path):
+    from sam_cls.index import faiss_index
+
+    x, q = small
+    params = IndexParams(kind=kind, nlist=50, nprobe=8)
+    scanned = build_index(x, params, k=10, seed=3)
+    monkeypatch.setattr(faiss_index, "HNSW_QUANTIZER_MIN_NLIST", 50)  # 50 lists count as many here
+    graph = build_index(x, params, k=10, seed=3)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(graph.index).quantizer)
+    assert graph.factory.startswith("IVF50_HNSW32,") and "HNSW" not in scanned.factory
+    assert quantizer.metric_type == faiss.METRIC_INNER_PRODUCT and quantizer.hnsw.efSearch == 32  # 2 x 8, >= 32
+    # Same seed, same exactly-assigned k-means: the graph finds the lists a full scan of the centroids finds.
+    assert torch.equal(graph.search(q, 10)[1], scanned.search(q, 10)[1])
+    # A deeper index narrowed to 2 lists searches a beam for 2 lists, then gets its own beam back.
+    deep = build_index(x, IndexParams(kind=kind, nlist=50, nprobe=40), k=10, seed=3)
+    beam = faiss.downcast_index(faiss.extract_index_ivf(deep.index).quantizer).hnsw
+    with deep._knob("nprobe", 2):  # how search(..., nprobe=2) narrows one call
+        assert beam.efSearch == 32
+    assert beam.efSearch == 80
+    assert torch.equal(graph.search(q, 10)[1], build_index(x, params, k=10, seed=3).search(q, 10)[1])
+    graph.save(tmp_path / "index.bin")
+    assert torch.equal(load_index(tmp_path / "index.bin").search(q, 10)[1], graph.search(q, 10)[1])
+
+
 def test_refresher_reads_at_the_training_depth(small):
     x, q = small
     ivf = IndexRefresher(x, IndexParams(kind="ivf", nlist=50), k=40, rebuild_every=None)

@@ -1,6 +1,9 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
+from sam_cls import read
+from sam_cls.memory import MemoryBank
 from sam_cls.read import dense_read, exclusion_mask, sparse_read
 
 
@@ -79,3 +82,22 @@ def test_dense_read_survives_a_chunk_holding_only_the_excluded_cell():
     own = torch.tensor([0, 9])
     one_cell_chunks = dense_read(u, memory, labels, 4, 0.1, exclude_ids=own, chunk=1)
     torch.testing.assert_close(one_cell_chunks, dense_read(u, memory, labels, 4, 0.1, exclude_ids=own, chunk=64))
+
+
+def test_candidate_scores_in_chunks_equal_one_gather(monkeypatch):
+    u, memory, _ = make(b=5)
+    ids = torch.randint(0, len(memory), (5, 7), generator=torch.Generator().manual_seed(2))
+    direct = (memory[ids] * u.detach().unsqueeze(1)).sum(-1)
+    # A buffer of two queries' cells: chunks of 2, 2 and a tail of 1.
+    monkeypatch.setattr(read, "GATHER_CHUNK_BYTES", 2 * 7 * memory.shape[1] * memory.element_size())
+    torch.testing.assert_close(read.candidate_scores(u.detach(), ids, memory), direct)
+
+
+def test_sparse_read_backward_refuses_a_memory_written_since_its_forward():
+    u, memory, labels = make(dtype=torch.float32)
+    bank = MemoryBank(memory, labels)
+    ids = torch.randint(0, len(memory), (u.shape[0], 6), generator=torch.Generator().manual_seed(3))
+    log_probs = sparse_read(u, ids, bank.embeddings, bank.labels, 4, 0.1)
+    bank.write(ids[:, 0], u, 0.5, step=1)  # the gradient would use cells the forward never saw
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        log_probs.sum().backward()

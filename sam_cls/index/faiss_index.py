@@ -14,6 +14,7 @@ from .base import MemoryIndex, check_vectors
 from .params import (
     HNSW_EF_CONSTRUCTION,
     HNSW_M,
+    HNSW_QUANTIZER_MIN_NLIST,
     IVF_KINDS,
     REFINE_K_FACTOR,
     TRAIN_POINTS_PER_LIST,
@@ -22,6 +23,7 @@ from .params import (
     default_nlist,
     default_nprobe,
     default_pq_m,
+    quantizer_ef_search,
 )
 
 FAISS_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
@@ -52,8 +54,13 @@ def factory_string(kind: str, n: int, d: int, k: int, params: IndexParams) -> st
         raise ValueError(
             f"nlist={nlist} is more than the {n} cells to index: lower nlist (default {default_nlist(n)})"
         )
+    ivf = f"IVF{nlist}"
+    # Many lists: find a query's nearest centroids by HNSW, not a scan of all of them. A faiss GPU index
+    # scans its centroids fast and wants a flat quantizer, so an ivf index bound for a GPU keeps one.
+    if nlist >= HNSW_QUANTIZER_MIN_NLIST and not (kind == "ivf" and params.cuda):
+        ivf += f"_HNSW{HNSW_M}"
     if kind == "ivf":
-        return f"IVF{nlist},Flat"
+        return f"{ivf},Flat"
     if kind == "ivfpq":
         m = params.pq_m or default_pq_m(d)
         if d % m:
@@ -65,7 +72,7 @@ def factory_string(kind: str, n: int, d: int, k: int, params: IndexParams) -> st
         # 4-bit fast-scan PQ ranks candidates; the SQ8 codes (d bytes a cell) re-rank k_factor*k of them.
         # Chosen over 8-bit PQ alone (recall@256 0.92-0.96 at N=2e4, d=64, and 20-40 s to train) and over an
         # SQ4 refine (0.94): this reaches the IVF recall ceiling and trains in well under a second.
-        return f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)"
+        return f"{ivf},PQ{m}x4fs,Refine(SQ8)"
     raise ValueError(f"not a faiss index kind: {kind!r}")
 
 
@@ -124,8 +131,16 @@ class FaissIndex(MemoryIndex):
             ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
             ivf.cp.seed = seed  # faiss k-means has its own RNG: seed it for reproducible lists
             ivf.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
-            # Coarse k-means on all threads; it fills the quantizer, so index.train skips it.
-            faiss.Clustering(d, ivf.nlist, ivf.cp).train(x.numpy(), ivf.quantizer)
+            # Coarse k-means on all threads, assigning by exact search; filling the quantizer here makes
+            # index.train skip it.
+            clustering = faiss.Clustering(d, ivf.nlist, ivf.cp)
+            if _hnsw_quantizer(ivf) is None:
+                clustering.train(x.numpy(), ivf.quantizer)
+            else:
+                clustering.train(x.numpy(), faiss.IndexFlatIP(d))
+                centroids = faiss.vector_to_array(clustering.centroids).reshape(ivf.nlist, d)
+                with omp_threads(1):  # parallel HNSW inserts race: one thread keeps the graph deterministic
+                    ivf.quantizer.add(centroids)
             if kind == "ivfpq":
                 ivf.pq.cp.seed = seed
                 index.k_factor = REFINE_K_FACTOR
@@ -133,7 +148,7 @@ class FaissIndex(MemoryIndex):
             # 50x slower on 2 threads than on 1 when another process holds a core. One thread costs < 1 s.
             with omp_threads(1):
                 index.train(x)
-            ivf.nprobe = min(params.nprobe or default_nprobe(n, ivf.nlist, k), ivf.nlist)
+            _set_nprobe(ivf, params.nprobe or default_nprobe(n, ivf.nlist, k))
         elif kind == "hnsw":
             index.hnsw.efSearch = params.ef_search or default_ef_search(k)
             if index.hnsw.efSearch < k:
@@ -280,8 +295,10 @@ class FaissIndex(MemoryIndex):
         return int(self.index.hnsw.efSearch)
 
     def _set(self, knob: str, value: float) -> None:
-        if knob == "nprobe":
-            (self.index if self.on_gpu else self.faiss.extract_index_ivf(self.index)).nprobe = int(value)
+        if knob == "nprobe" and self.on_gpu:
+            self.index.nprobe = int(value)
+        elif knob == "nprobe":  # an HNSW quantizer's beam follows, so a shallow search is cheap there too
+            _set_nprobe(self.faiss.extract_index_ivf(self.index), int(value))
         elif knob == "k_factor":
             self.index.k_factor = value
         else:
@@ -290,8 +307,7 @@ class FaissIndex(MemoryIndex):
     def _set_search_knobs(self, index, params: IndexParams) -> None:
         """Apply explicit search-time knobs; unset ones keep the values the index carries."""
         if self.kind in IVF_KINDS and params.nprobe:
-            ivf = self.faiss.extract_index_ivf(index)
-            ivf.nprobe = min(params.nprobe, ivf.nlist)
+            _set_nprobe(self.faiss.extract_index_ivf(index), params.nprobe)
         if self.kind == "hnsw" and params.ef_search:
             index.hnsw.efSearch = params.ef_search
 
@@ -333,6 +349,20 @@ class FaissIndex(MemoryIndex):
             knobs = f" efConstruction={self.index.hnsw.efConstruction} efSearch={self._get('efSearch')}"
         where = f"{self.gpu_device}{', fp16' if self.params.fp16 else ''}" if self.on_gpu else "cpu"
         self.description = f"faiss {self.factory} inner-product{knobs} ({where})"
+
+
+def _hnsw_quantizer(ivf):
+    """The HNSW coarse quantizer of a CPU IVF index, or None for a flat one."""
+    quantizer = require_faiss().downcast_index(ivf.quantizer)
+    return quantizer if hasattr(quantizer, "hnsw") else None
+
+
+def _set_nprobe(ivf, nprobe: int) -> None:
+    """The probe depth of a CPU IVF index, and an HNSW quantizer's beam to match it."""
+    ivf.nprobe = min(nprobe, ivf.nlist)
+    quantizer = _hnsw_quantizer(ivf)
+    if quantizer is not None:
+        quantizer.hnsw.efSearch = quantizer_ef_search(ivf.nprobe)
 
 
 def faiss_from_bytes(payload, kind: str, params: IndexParams, factory: str, log=None) -> FaissIndex:
