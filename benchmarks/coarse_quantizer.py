@@ -24,22 +24,29 @@ from machine import write_report
 from scaling import B, K, make_bank, make_batches
 
 from sam_cls.index import IndexParams, IndexRefresher, exact_search
+from sam_cls.index.faiss_index import FaissIndex
 from sam_cls.index.params import quantizer_ef_search
 
 REPEATS, RECALL_BATCHES = 15, 2
 
 
-def timed_search(index, queries: torch.Tensor, k: int, nprobe: int, k_factor: float | None) -> float:
-    """Median ms of one batch's search over the batches after the first (a warm-up)."""
-    times = []
-    for q in queries:
-        start = time.perf_counter()
-        index.search(q, k, nprobe=nprobe, k_factor=k_factor)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times[1:])
+def timed_searches(index: FaissIndex, quantizers: dict, queries: torch.Tensor, k: int, nprobe: int,
+                   k_factor: float | None) -> dict[str, float]:
+    """Median ms of a batch's search with each quantizer; they take turns going first, so neither gets the
+    warmer caches, and the first two batches are warm-ups."""
+    ivf = faiss.extract_index_ivf(index.index)
+    times: dict[str, list[float]] = {name: [] for name in quantizers}
+    for i, q in enumerate(queries):
+        for name in list(quantizers)[:: 1 if i % 2 == 0 else -1]:
+            ivf.quantizer = quantizers[name]
+            start = time.perf_counter()
+            index.search(q, k, nprobe=nprobe, k_factor=k_factor)
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(t[2:]) for name, t in times.items()}
 
 
-def recall(index, queries: torch.Tensor, exact: list[torch.Tensor], k: int, nprobe: int, k_factor) -> float:
+def recall(index: FaissIndex, queries: torch.Tensor, exact: list[torch.Tensor], k: int, nprobe: int,
+           k_factor: float | None) -> float:
     """Mean share of each query's exact top k that the index returns, over the batches in `exact`."""
     found = []
     for q, e in zip(queries, exact, strict=False):  # the first len(exact) batches
@@ -65,7 +72,7 @@ def main() -> None:
           f"{'ratio':>6} {'scan recall':>11} {'HNSW recall':>11}")
     for n in sizes:
         bank = make_bank(n, args.seed)
-        _, queries = make_batches(bank, REPEATS + 1, args.seed)
+        _, queries = make_batches(bank, REPEATS + 2, args.seed)  # 2 warm-up batches
         refresher = IndexRefresher(bank.embeddings, IndexParams(kind="ivfpq", nlist=nlist), k=k, rebuild_every=None,
                                    seed=args.seed, recall_sample=0)
         index = refresher.index
@@ -81,11 +88,15 @@ def main() -> None:
         for depth, (nprobe, k_factor) in depths.items():
             row = {"n_cells": n, "nlist": ivf.nlist, "depth": depth, "nprobe": nprobe, "k_factor": k_factor,
                    "hnsw_ef_search": quantizer_ef_search(nprobe), "batch": B, "k": k}
-            for name, quantizer in (("scan", scan), ("hnsw", graph)):
-                ivf.quantizer = quantizer
-                row[f"{name}_search_ms"] = round(timed_search(index, queries, k, nprobe, k_factor), 2)
-                row[f"{name}_recall"] = round(recall(index, queries, exact, k, nprobe, k_factor), 4)
-            ivf.quantizer = graph
+            quantizers = {"scan": scan, "hnsw": graph}
+            try:  # the index owns its graph: always hand it back, never leave the borrowed scan in place
+                for name, ms in timed_searches(index, quantizers, queries, k, nprobe, k_factor).items():
+                    row[f"{name}_search_ms"] = round(ms, 2)
+                for name, quantizer in quantizers.items():
+                    ivf.quantizer = quantizer
+                    row[f"{name}_recall"] = round(recall(index, queries, exact, k, nprobe, k_factor), 4)
+            finally:
+                ivf.quantizer = graph
             row["ratio"] = round(row["hnsw_search_ms"] / row["scan_search_ms"], 3)
             rows.append(row)
             print(f"{n:>9} {ivf.nlist:>6} {depth:>10} {nprobe:>6} {k_factor:>8g} {row['scan_search_ms']:>8.2f} "

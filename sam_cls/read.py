@@ -20,25 +20,26 @@ def class_log_probs(scores: torch.Tensor, labels: torch.Tensor, num_classes: int
     return per_class.clamp_min(TINY).log()
 
 
-# CPU gathers go through a buffer of about this many bytes: a (B, K, d) gather in one piece is tens of MB
-# at B=256, K=257, d=128, and the allocator hands such a block back to the OS when freed, so every step
-# page-faults it in again. With the chunks and the embedding_bag backward, the read's own time besides its
-# search fell from 7.0 to 4.0 ms a step at B=128 on 2 CPU cores (benchmarks/profile_step.py, profiled).
+# CPU gathers go through a buffer of about this many bytes: a (B, K, d) gather in one piece is 32 MiB at
+# B=256, K=257, d=128, past glibc's largest heap block, so it is mmapped and page-faulted in again every
+# step. At B=128 on 2 CPU cores (benchmarks/profile_step.py, profiled) the forward's phase besides its search
+# fell from 7.0 to 4.0 ms, and forward plus backward by 2.3 ms.
 GATHER_CHUNK_BYTES = 4 << 20
 
 
 def candidate_scores(u: torch.Tensor, ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """(B, K) inner products u_b . m_{ids[b, k]}, gathering the cells a few queries at a time on the CPU."""
+    """(B, K) inner products u_b . m_{ids[b, k]}, a few queries' cells at a time (no autograd: it writes out=)."""
     B, K = ids.shape
     d = memory.shape[1]
     # A GPU's caching allocator makes one big gather cheap; on the CPU a small reused buffer stays in cache.
-    rows = B if memory.is_cuda else max(1, GATHER_CHUNK_BYTES // (K * d * memory.element_size()))
+    rows = max(B, 1) if memory.is_cuda else max(1, GATHER_CHUNK_BYTES // (K * d * memory.element_size()))
     scores = torch.empty(B, K, dtype=u.dtype, device=u.device)
     buffer = torch.empty(min(rows, B) * K, d, dtype=memory.dtype, device=memory.device)
     for start in range(0, B, rows):
         stop = min(start + rows, B)
         cells = torch.index_select(memory, 0, ids[start:stop].reshape(-1), out=buffer[: (stop - start) * K])
-        torch.bmm(cells.view(stop - start, K, d), u[start:stop].unsqueeze(2), out=scores[start:stop].unsqueeze(2))
+        torch.bmm(cells.view(stop - start, K, d), u[start:stop].unsqueeze(2),
+                  out=scores[start:stop].unsqueeze(2))
     return scores
 
 
@@ -56,7 +57,8 @@ class SparseRead(torch.autograd.Function):
             scores.masked_fill_(exclude, float("-inf"))
         cell_labels = labels.index_select(0, ids.reshape(-1)).view(ids.shape)
         p = torch.softmax(scores, dim=1)
-        per_class = torch.zeros(len(ids), num_classes, dtype=p.dtype, device=p.device).scatter_add_(1, cell_labels, p)
+        per_class = torch.zeros(len(ids), num_classes, dtype=p.dtype, device=p.device)
+        per_class.scatter_add_(1, cell_labels, p)
         log_probs = per_class.clamp_min(TINY).log()
         # Saving the memory itself (not a copy) also makes autograd refuse a backward after a write to it.
         ctx.save_for_backward(ids, memory, cell_labels, p, per_class)
@@ -74,8 +76,8 @@ class SparseRead(torch.autograd.Function):
         g_sum = torch.where(live, grad_out, torch.zeros_like(grad_out)).sum(dim=1, keepdim=True)
         d_scores = p * (ratio.gather(1, cell_labels) - g_sum)
         # grad_u = sum_k ds_k m_{ids[k]} / T: embedding_bag's weighted row sum, fused with the gather.
-        grad_u = F.embedding_bag(ids, memory, mode="sum", per_sample_weights=d_scores.to(memory.dtype))
-        return grad_u.to(d_scores.dtype).div_(ctx.temperature), None, None, None, None, None, None
+        grad_u = F.embedding_bag(ids, memory, mode="sum", per_sample_weights=d_scores)  # u, memory: one dtype
+        return grad_u.div_(ctx.temperature), None, None, None, None, None, None
 
 
 def sparse_read(

@@ -180,6 +180,9 @@ class FaissIndex(MemoryIndex):
             why = f"k={self.k} is above the faiss GPU limit {GPU_MAX_K}"
         elif nprobe > GPU_MAX_NPROBE:
             why = f"nprobe={nprobe} is above the faiss GPU limit {GPU_MAX_NPROBE}"
+        elif self.kind in IVF_KINDS and _hnsw_quantizer(self.faiss.extract_index_ivf(self.index)) is not None:
+            why = (f"faiss GPU indices scan their centroids and cannot clone the HNSW quantizer of {self.factory} "
+                   "(built for the CPU): rebuild it for the GPU with `sam-cls rebuild-index --device cuda`")
         if why:
             if self._log:
                 self._log(f"index stays on the CPU: {why}; queries are copied over and results back")
@@ -358,7 +361,7 @@ def _hnsw_quantizer(ivf):
 
 
 def _set_nprobe(ivf, nprobe: int) -> None:
-    """The probe depth of a CPU IVF index, and an HNSW quantizer's beam to match it."""
+    """The probe depth of a CPU IVF index, and an HNSW quantizer's beam, always derived from it."""
     ivf.nprobe = min(nprobe, ivf.nlist)
     quantizer = _hnsw_quantizer(ivf)
     if quantizer is not None:
