@@ -37,9 +37,9 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 # From this many IVF lists on, the coarse quantizer is an HNSW graph over the centroids (faiss's IVFx_HNSW32)
 # instead of a scan of all of them (benchmarks/coarse_quantizer.py, ivfpq, 256 training-mode queries, 2 CPU
-# cores): the training search at N=1e7 (12649 lists, nprobe 8) 51.0 -> 31.3 ms, recall@257 0.198 -> 0.187;
-# at N=1e6 (4000 lists) 28.0 -> 21.8 ms, 0.394 -> 0.388. At evaluation depth (nprobe 32) 110.8 -> 91.5 ms for
-# recall 0.540 -> 0.523 at 1e7, and 63.3 -> 61.0 ms at equal recall at 1e6.
+# cores): the training search at N=1e7 (12649 lists, nprobe 8) 49.6 -> 31.7 ms, recall@257 0.198 -> 0.187;
+# at N=1e6 (4000 lists) 24.3 -> 22.2 ms, 0.394 -> 0.388. At evaluation depth (nprobe 32) 106.2 -> 89.7 ms for
+# recall 0.540 -> 0.523 at 1e7, and 62.9 -> 61.6 ms at equal recall at 1e6.
 HNSW_QUANTIZER_MIN_NLIST = 4000
 
 
