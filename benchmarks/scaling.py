@@ -3,6 +3,7 @@
     python benchmarks/scaling.py                          # N = 1e4..1e7, then 3 CIFAR-10 (JPEG) epochs each
     python benchmarks/scaling.py --sizes 1e4,1e5,1e6      # without N = 1e7 (its ivfpq build dominates)
     python benchmarks/scaling.py --quick                  # smoke run: N = 1e4, 1e5, synthetic throughput
+    python benchmarks/scaling.py --device cuda --kinds torch,ivf,ivfpq --out results/scaling-<gpu>.json
 
 Sparse access should make a step cost about the same at N = 1e4 and 1e7. On synthetic clustered, unit-norm
 cells (d=128, batch B=256, K=256) each row times, encoder excluded (median after warm-ups):
@@ -16,6 +17,8 @@ against N are printed (sparse should be near 0, dense near 1). --throughput (on 
 training epochs, sam-cls (index rebuild included) against the same encoder as a plain softmax classifier
 (medians over epochs; the ratio is the median of each epoch's side-by-side ratio).
 Writes results/scaling.json (rows, machine, command line) and results/scaling.png.
+With --device cuda the memory, queries, reads, encoder and both trainers live on the GPU; "torch" searches
+there exactly, and faiss indices search there with faiss-gpu, else on the host CPU (queries copied over).
 """
 
 from __future__ import annotations
@@ -56,12 +59,13 @@ QUERY_NOISE = 0.1  # a query is its own cell plus noise: an encoder output near 
 WARMUP, REPEATS, QUICK_REPEATS = 3, 25, 3  # 25: a 1e4 step is ~15 ms, and its medians over 10 varied by 2x
 ROW_BUDGET_S = 30.0  # a slow measurement (dense at 1e6) takes fewer repeats, never fewer than 3
 DENSE_MAX_STEP_S = 10.0  # skip dense where a step would take longer (linear estimate from a smaller N)
-DENSE_CHUNK = 8192
+DENSE_CHUNK = {"cpu": 8192, "cuda": 1 << 18}  # cells per dense chunk: cache-sized on a CPU, 256 MB of scores on a GPU
 KINDS = ("flat", "ivf", "ivfpq", "hnsw", "torch")
 DEFAULT_SIZES = "1e4,1e5,1e6,1e7"
 # From BIG_N cells on only compressed ivfpq: exact search would take seconds a step, and an HNSW graph hours
 # to build on a few cores. HNSW stops at HNSW_MAX_N for the same reason.
 BIG_N, BIG_KINDS, HNSW_MAX_N = 10**7, ("ivfpq",), 10**6
+BIG_KINDS_CUDA = ("ivfpq", "torch")  # on a GPU an exact scan of 1e7 cells takes milliseconds
 # Resident bytes a cell for each index (RAM check only); doubled while the index is serialized for its size.
 INDEX_BYTES = {"flat": 4 * D, "torch": 4 * D, "ivf": 4 * D + 16, "hnsw": 4 * D + 320, "ivfpq": D + 80}
 QUICK_SYNTHETIC_TRAIN = 768  # --quick throughput: a few hundred 3x32x32 synthetic images (K=256 fits)
@@ -77,8 +81,13 @@ def proc_kib(file: str, key: str) -> int | None:
     return int(line.split()[1]) if line else None
 
 
+RAM_GIB: float | None = None  # --ram-gib: a VM whose memory grows on use reports too little available
+
+
 def available_ram() -> int:
     """Bytes the kernel could hand out now (MemAvailable), so a size that would swap is skipped instead."""
+    if RAM_GIB is not None:
+        return int(RAM_GIB * 2**30)
     kib = proc_kib("/proc/meminfo", "MemAvailable")
     return kib * 1024 if kib is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
@@ -95,13 +104,30 @@ def peak_rss_mb() -> float:
     return round(kib / 1024, 1)
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it (CUDA kernels run asynchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak_gpu() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_mb() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+
+
 def median_ms(fn: Callable[[int], object], repeats: int) -> float:
     """Median ms of fn(i) after WARMUP calls; a slow fn gets fewer repeats (>= 3) so a row stays bounded."""
     times: list[float] = []
     i = 0
     while len(times) < repeats:
+        sync()
         start = time.perf_counter()
         fn(i)
+        sync()
         seconds = time.perf_counter() - start
         if i >= WARMUP:
             times.append(seconds)
@@ -111,30 +137,30 @@ def median_ms(fn: Callable[[int], object], repeats: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def make_bank(n: int, seed: int) -> MemoryBank:
-    """N unit-norm clustered cells labelled by cluster mod NUM_CLASSES."""
+def make_bank(n: int, seed: int, device: str) -> MemoryBank:
+    """N unit-norm clustered cells labelled by cluster mod NUM_CLASSES, drawn on the CPU (same on any device)."""
     cells, _ = clustered_embeddings(n, D, CLUSTERS, seed)
     # clustered_embeddings returns no cluster ids; its centres are the seeded generator's first draw, so draw
     # them again and label each cell by its nearest centre (its own cluster at this noise level).
     centres = F.normalize(torch.randn(CLUSTERS, D, generator=torch.Generator().manual_seed(seed)), dim=1)
     labels = torch.cat([(c @ centres.T).argmax(1) for c in cells.split(1 << 20)]) % NUM_CLASSES
-    return MemoryBank(cells, labels)
+    return MemoryBank(cells.to(device), labels.to(device))
 
 
 def make_batches(bank: MemoryBank, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, B) own-cell ids and (count, B, d) queries: each its own cell plus noise, re-normalised."""
     gen = torch.Generator().manual_seed(seed + 1)
     # randint, not randperm: no O(N) work per size (a repeated id in a batch is harmless)
-    idx = torch.randint(bank.size, (count, B), generator=gen)
-    noise = torch.randn(count, B, D, generator=gen) * QUERY_NOISE / D**0.5
+    idx = torch.randint(bank.size, (count, B), generator=gen).to(bank.embeddings.device)
+    noise = (torch.randn(count, B, D, generator=gen) * QUERY_NOISE / D**0.5).to(bank.embeddings.device)
     return idx, F.normalize(bank.embeddings[idx] + noise, dim=2)
 
 
-def encoder_ms(repeats: int) -> float:
+def encoder_ms(repeats: int, device: str) -> float:
     """Forward + backward of the conv1 encoder on B uint8 32x32x3 images: the cost every method adds."""
-    enc = build_encoder("conv1", (3, 32, 32), D, torch.full((3,), 0.5), torch.full((3,), 0.25))
-    x = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
-    grad = torch.randn(B, D)
+    enc = build_encoder("conv1", (3, 32, 32), D, torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
+    x = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8).to(device)
+    grad = torch.randn(B, D).to(device)
 
     def step(_: int) -> None:
         enc.zero_grad(set_to_none=True)
@@ -149,11 +175,13 @@ def sparse_row(bank: MemoryBank, kind: str, batches: tuple, repeats: int, seed: 
     """Search K+1, sparse read forward/backward, write: the step whose cost should not grow with N."""
     idx, queries = batches
     reset_peak_rss()
+    reset_peak_gpu()
     start = time.perf_counter()
     # The refresher is what a training step searches through: it sets the shallower training depth (IVF).
-    refresher = IndexRefresher(bank.embeddings, IndexParams(kind=kind, nlist=nlist), k=K + 1, rebuild_every=None,
-                               seed=seed, recall_sample=0)
+    params = IndexParams(kind=kind, nlist=nlist, device=bank.embeddings.device.type)
+    refresher = IndexRefresher(bank.embeddings, params, k=K + 1, rebuild_every=None, seed=seed, recall_sample=0)
     index = refresher.index
+    sync()
     build_s = time.perf_counter() - start
 
     def step(i: int) -> None:
@@ -178,30 +206,32 @@ def sparse_row(bank: MemoryBank, kind: str, batches: tuple, repeats: int, seed: 
             # sparse_read and the writes use the float32 MemoryBank whatever the index compresses
             "bytes_per_cell": round(per_cell + 4 * D, 1), "index_bytes_per_cell": round(per_cell, 1),
             "storage": f"float32 memory ({4 * D} B) + {kind} index",
-            "queries_per_s": round(B / infer_ms * 1e3, 1), "peak_rss_mb": peak,
+            "queries_per_s": round(B / infer_ms * 1e3, 1), "peak_rss_mb": peak, "peak_gpu_mb": peak_gpu_mb(),
             "description": index.description, "train_nprobe": refresher.train_nprobe}
 
 
 def dense_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
     """dense_read over every cell, forward and backward: the exact read the sparse one approximates."""
     idx, queries = batches
+    chunk = DENSE_CHUNK[bank.embeddings.device.type]
     reset_peak_rss()
+    reset_peak_gpu()
 
     def step(i: int) -> None:
         u = queries[i].clone().requires_grad_()
         log_probs = dense_read(u, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE, exclude_ids=idx[i],
-                               chunk=DENSE_CHUNK)
+                               chunk=chunk)
         F.nll_loss(log_probs, bank.labels[idx[i]]).backward()
         bank.write(idx[i], u.detach(), ETA, step=i)  # training writes the batch's cells in every read mode
 
     @torch.no_grad()
     def infer(i: int) -> None:
-        dense_read(queries[i], bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE, chunk=DENSE_CHUNK)
+        dense_read(queries[i], bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE, chunk=chunk)
 
     step_ms, infer_ms = median_ms(step, repeats), median_ms(infer, repeats)
     return {"method": "dense", "index": None, "step_ms": step_ms, "build_s": None, "bytes_per_cell": 4 * D,
             "storage": "float32 memory", "queries_per_s": round(B / infer_ms * 1e3, 1),
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(), "chunk": chunk}
 
 
 def support_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
@@ -210,10 +240,11 @@ def support_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
     m = min(SUPPORT_M, bank.size)
     gen = torch.Generator().manual_seed(0)
     reset_peak_rss()
+    reset_peak_gpu()
 
     def step(i: int) -> None:
         # randint, not the trainer's randperm(N)[:M]: an O(N) draw a step is not the method's cost
-        support = torch.randint(bank.size, (m,), generator=gen)
+        support = torch.randint(bank.size, (m,), generator=gen).to(bank.embeddings.device)
         s = bank.embeddings[support].clone().requires_grad_()  # stands in for the M re-encoded images
         u = queries[i].clone().requires_grad_()
         scores = (u @ s.T / TEMPERATURE).masked_fill(support[None, :] == idx[i][:, None], float("-inf"))
@@ -222,13 +253,13 @@ def support_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
 
     return {"method": "support-sample", "index": None, "step_ms": median_ms(step, repeats), "build_s": None,
             "bytes_per_cell": None, "storage": f"no memory: re-encodes {m} support images a step",
-            "queries_per_s": None, "peak_rss_mb": peak_rss_mb(), "support_m": m}
+            "queries_per_s": None, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(), "support_m": m}
 
 
 # ----------------------------------------------------------------------------- whole-epoch throughput
 def throughput(args: argparse.Namespace) -> dict | None:
     """Images/s of whole training epochs, sam-cls (with its per-epoch index rebuild) against plain softmax."""
-    base: dict = {"encoder": "conv1", "epochs": args.epochs_throughput, "seed": args.seed}
+    base: dict = {"encoder": "conv1", "epochs": args.epochs_throughput, "seed": args.seed, "device": args.device}
     if args.quick:
         base.update(dataset="synthetic", synthetic_train=QUICK_SYNTHETIC_TRAIN, synthetic_test=256,
                     synthetic_shape=[3, 32, 32], synthetic_classes=NUM_CLASSES)
@@ -246,12 +277,16 @@ def throughput(args: argparse.Namespace) -> dict | None:
     soft = Trainer(Config(**base, head="softmax").validate(), log=lambda line: None)
     epochs: list[dict] = []
     for _ in range(args.epochs_throughput):  # interleaved, so drifting machine load hits both alike
+        sync()
         t0 = time.perf_counter()
         sam.train_epoch()
+        sync()
         t1 = time.perf_counter()
         sam.refresher.rebuild("epoch")  # the rebuild each sam-cls epoch needs (fit does it before evaluation)
+        sync()
         t2 = time.perf_counter()
         soft.train_epoch()
+        sync()
         images = len(sam.train_y)
         epochs.append({"sam_cls_images_per_s": round(images / (t2 - t0), 1), "rebuild_s": round(t2 - t1, 2),
                        "softmax_images_per_s": round(images / (time.perf_counter() - t2), 1)})
@@ -329,6 +364,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg", help="imagefolder for --throughput")
     ap.add_argument("--epochs-throughput", type=int, default=3, help="epochs (medians quoted) for --throughput")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ram-gib", type=float, help="RAM to plan sizes for (default: what the kernel says is free)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where memory, reads and encoder run")
     ap.add_argument("--out", default="results/scaling.json", help="JSON; the plot goes beside it as .png")
     ap.add_argument("--quick", action="store_true", help="N = 1e4, 1e5, fewer repeats, synthetic throughput")
     args = ap.parse_args()
@@ -337,13 +374,17 @@ def main() -> None:
     kinds = [s for s in args.kinds.split(",") if s]
     if bad := sorted(set(kinds) - set(KINDS)):
         ap.error(f"unknown index kind(s) {', '.join(bad)}: choose from {', '.join(KINDS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch sees no CUDA device: use --device cpu")
+    global RAM_GIB
+    RAM_GIB = args.ram_gib
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    enc_ms = encoder_ms(repeats)
+    enc_ms = encoder_ms(repeats, args.device)
     settings = {"dim": D, "batch": B, "k": K, "classes": NUM_CLASSES, "clusters": CLUSTERS, "eta": ETA,
                 "temperature": TEMPERATURE, "support_m": SUPPORT_M, "warmup": WARMUP, "repeats": repeats,
-                "device": "cpu", "big_nlist": args.big_nlist}
+                "device": args.device, "big_nlist": args.big_nlist}
     report: dict = {"command": shlex.join(["python", *sys.argv]), "machine": describe(), "settings": settings,
                     "encoder_ms": {"conv1_fwd_bwd_batch": round(enc_ms, 2),
                                    "added": "to every row; support-sample adds (B + M) / B times it"},
@@ -359,18 +400,22 @@ def main() -> None:
 
     print(f"conv1 encoder forward+backward, B={B}: {enc_ms:.1f} ms (added to every row)")
     print(f"{'n_cells':>9} {'method/index':<22} {'step_ms':>9} {'+enc_ms':>9} {'build_s':>8} {'B/cell':>7} "
-          f"{'q/s':>8} {'peak_MB':>8}")
+          f"{'q/s':>8} {'peak_MB':>8}" + (f" {'gpu_MB':>8}" if args.device == "cuda" else ""))
     for n in sizes:
         free_gib = available_ram() / 2**30
         if (need := n * (4 * D + 16) + (3 << 30)) > available_ram():  # cells, labels, generation temporaries
             skip(n, "all", f"memory needs ~{need / 2**30:.1f} GiB, {free_gib:.1f} GiB available")
             continue
-        bank = make_bank(n, args.seed)
+        if args.device == "cuda" and (need := 2 * n * (4 * D + 16)) > torch.cuda.mem_get_info()[0]:
+            skip(n, "all", f"GPU memory needs ~{need / 2**30:.1f} GiB")  # cells, labels and a batch's temporaries
+            continue
+        bank = make_bank(n, args.seed, args.device)
         batches = make_batches(bank, WARMUP + repeats, args.seed)
         jobs: list[tuple[str, str | None]] = []
+        big_kinds = BIG_KINDS_CUDA if args.device == "cuda" else BIG_KINDS
         for kind in kinds:
-            if n >= args.big_n and kind not in BIG_KINDS:
-                skip(n, f"sparse/{kind}", f"N >= --big-n {args.big_n:.0f}: only {','.join(BIG_KINDS)}")
+            if n >= args.big_n and kind not in big_kinds:
+                skip(n, f"sparse/{kind}", f"N >= --big-n {args.big_n:.0f}: only {','.join(big_kinds)}")
             elif kind == "hnsw" and n > HNSW_MAX_N:
                 skip(n, "sparse/hnsw", f"N above {HNSW_MAX_N:.0e} (graph build too slow)")
             elif (need := 2 * INDEX_BYTES[kind] * n + (1 << 30)) > available_ram():
@@ -397,7 +442,8 @@ def main() -> None:
             print(f"{n:>9} {method + (f'/{kind}' if kind else ''):<22} {row['step_ms']:>9.2f} "
                   f"{row['step_ms_with_encoder']:>9.2f} {fmt(row['build_s'], '8.2f'):>8} "
                   f"{fmt(row['bytes_per_cell'], '7.1f'):>7} {fmt(row['queries_per_s'], '8.0f'):>8} "
-                  f"{row['peak_rss_mb']:>8.0f}", flush=True)
+                  f"{row['peak_rss_mb']:>8.0f}" + (f" {row['peak_gpu_mb']:>8.0f}" if args.device == "cuda" else ""),
+                  flush=True)
             save()
             gc.collect()  # drop the row's index before the next is built
         del bank, batches

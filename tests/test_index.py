@@ -75,6 +75,18 @@ def test_flat_equals_torch_exact(small):
     assert torch.equal(exact_search(x, q, 50)[1], ti)
 
 
+def test_only_the_torch_index_claims_to_search_non_finite_queries(small):
+    x, q = small
+    exact = build_index(x, IndexParams(kind="torch"), k=50)
+    assert exact.searches_non_finite and not build_index(x, IndexParams(kind="flat"), k=50).searches_non_finite
+    q = q[:4].clone()
+    q[0, 0], q[1] = float("nan"), float("inf")  # what diverged encoder weights produce
+    _, ids = exact.search(q, 50)
+    # Valid, distinct ids for every row: the read can gather them and its loss carries the NaN on.
+    assert ((ids >= 0) & (ids < x.shape[0])).all()
+    assert all(len(set(row.tolist())) == 50 for row in ids)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_k_larger_than_size_raises(kind, small):
     x, q = small

@@ -18,6 +18,9 @@ class MemoryIndex(ABC):
 
     kind: str  # resolved kind: "flat", "ivf", "ivfpq", "hnsw" or "torch"
     description: str  # factory string and knobs, for logs
+    # True where a search of non-finite queries returns (meaningless) ids instead of failing, so a trainer
+    # on a GPU need not stall it every step to check its queries first.
+    searches_non_finite: bool = False
 
     @property
     @abstractmethod

@@ -46,6 +46,7 @@ class TorchExactIndex(MemoryIndex):
     """A copy of the cells on a torch device, searched exactly: no training, rebuild is a copy."""
 
     kind = "torch"
+    searches_non_finite = True  # matmul and topk rank NaN like any value; nothing reads the ids on the host
 
     def __init__(self, vectors: torch.Tensor, device: str | torch.device = "cpu"):
         # A copy, not a view: the index holds the cells as indexed, like every other back-end.
