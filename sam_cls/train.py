@@ -94,6 +94,8 @@ class Trainer:
         self.step, self.epoch = 0, 0
         self.pass_rng = self.perm_gen.get_state()  # the batch order of the current pass, to resume inside it
         self.memory: MemoryBank | None = None
+        self.refresher: IndexRefresher | None = None  # made by prepare(), over the memory
+        self.resume_centroids: torch.Tensor | None = None  # a checkpoint's IVF centroids, for prepare()
 
     def progress(self, step: int) -> float:
         """Share of the run done after `step` steps: by steps, or by seconds where a time budget ends first."""
@@ -115,6 +117,7 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        centroids = self.refresher.centroids() if self.refresher is not None else None
         return {
             "format": 1,
             "config": self.cfg.to_dict(),
@@ -122,6 +125,9 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "memory": self.memory.state_dict(),
+            # An IVF index's coarse centroids: the next rebuild's k-means starts from them, so a resumed run
+            # rebuilds this very index from them (no k-means) to continue as the uninterrupted run would.
+            **({"index_centroids": centroids} if centroids is not None else {}),
             "step": self.step,
             "epoch": self.epoch,
             "train_seconds": self.train_seconds,
@@ -152,6 +158,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint memory has {self.memory.size} cells but the data set has "
                                   f"{len(self.train_y)} training images: check --dataset/--data-dir")
         self.step, self.epoch = state["step"], state["epoch"]
+        self.resume_centroids = state.get("index_centroids")  # absent in older checkpoints: a cold k-means
         self.train_seconds = state.get("train_seconds", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
         self.perm_gen.set_state(state["rng"]["perm"])
@@ -270,7 +277,8 @@ class Trainer:
         every = every if every in ("auto", None) else int(every)
         self.refresher = IndexRefresher(self.memory.embeddings, index_params(cfg, self.device), k=max(cfg.topk, 1) + 1,
                                         rebuild_every=every, staleness_threshold=cfg.staleness_threshold,
-                                        background=cfg.background_rebuild, log=self.log, seed=cfg.seed)
+                                        background=cfg.background_rebuild, log=self.log, seed=cfg.seed,
+                                        centroids=self.resume_centroids)
         if cfg.train_nprobe and cfg.topk and self.refresher.train_nprobe is None:
             self.log(f"--train-nprobe {cfg.train_nprobe} applies to IVF indices only: the "
                      f"{self.refresher.index.kind} index searches in full")

@@ -147,6 +147,53 @@ def test_many_lists_find_their_lists_by_an_hnsw_quantizer(kind, small, monkeypat
     assert torch.equal(load_index(tmp_path / "index.bin").search(q, 10)[1], graph.search(q, 10)[1])
 
 
+@pytest.mark.parametrize("kind,graph", [("ivf", False), ("ivfpq", False), ("ivfpq", True)])
+def test_an_ivf_index_rebuilds_from_its_centroids(kind, graph, small, monkeypatch):
+    from sam_cls.index import faiss_index
+
+    if graph:  # an HNSW coarse quantizer takes the centroids too
+        monkeypatch.setattr(faiss_index, "HNSW_QUANTIZER_MIN_NLIST", 50)
+    x, q = small
+    params = IndexParams(kind=kind, nlist=50)
+    first = build_index(x, params, k=10, seed=3)
+    centroids = first.centroids()
+    assert centroids.shape == (50, 32) and build_index(x, IndexParams(kind="flat"), k=10).centroids() is None
+    # No k-means: the same quantizer, so the same index (how a resumed run gets its index back).
+    exact = build_index(x, params, k=10, seed=3, centroids=centroids, kmeans_iterations=0)
+    assert torch.equal(exact.centroids(), centroids)
+    assert torch.equal(exact.search(q, 10)[1], first.search(q, 10)[1])
+    # A warm retrain over drifted cells refits the lists from there: deterministic, and not a cold start.
+    moved = x.clone()
+    drift(moved, 0.3)
+    warm = build_index(moved, params, k=10, seed=3, centroids=centroids)
+    assert torch.equal(warm.centroids(), build_index(moved, params, k=10, seed=3, centroids=centroids).centroids())
+    assert not torch.equal(warm.centroids(), build_index(moved, params, k=10, seed=3).centroids())
+    assert not torch.equal(warm.centroids(), centroids)
+    # Centroids for another list count (a resized memory) are set aside: a cold start, no error.
+    other = build_index(x, IndexParams(kind=kind, nlist=40), k=10, seed=3, centroids=centroids)
+    assert torch.equal(other.centroids(), build_index(x, IndexParams(kind=kind, nlist=40), k=10, seed=3).centroids())
+
+
+def test_refresher_retrains_from_its_centroids(small, monkeypatch):
+    from sam_cls.index import refresh
+
+    x, _ = small
+    memory = x.clone()
+    refresher = IndexRefresher(memory, IndexParams(kind="ivf", nlist=50), k=10, rebuild_every=None, seed=3)
+    seen = []
+    real = refresh.build_index
+    monkeypatch.setattr(refresh, "build_index", lambda *a, **kw: seen.append(kw.get("centroids")) or real(*a, **kw))
+    before = refresher.centroids()
+    drift(memory, 0.3)
+    refresher.rebuild("evaluation")
+    assert len(seen) == 1 and torch.equal(seen[0], before)
+    assert refresher.history[-1]["retrained"] and refresher.history[-1]["recall_after"] > 0.9
+    # Built from a checkpoint's centroids, the first index is that index again, with no k-means.
+    again = IndexRefresher(memory, IndexParams(kind="ivf", nlist=50), k=10, rebuild_every=None, seed=3,
+                           centroids=refresher.centroids())
+    assert torch.equal(again.centroids(), refresher.centroids())
+
+
 def test_refresher_reads_at_the_training_depth(small):
     x, q = small
     ivf = IndexRefresher(x, IndexParams(kind="ivf", nlist=50), k=40, rebuild_every=None)

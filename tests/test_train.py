@@ -77,10 +77,13 @@ class Interrupted(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    # Natural images, so the crop/flip generator's state must be restored too.
+@pytest.mark.parametrize("index", [{}, {"index": "ivf", "nprobe": 2, "train_nprobe": 1}])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, index):
+    # Natural images, so the crop/flip generator's state must be restored too. An IVF index's rebuilds
+    # start k-means from its centroids, so the checkpoint must bring them back; searching 1-2 of its 7
+    # lists makes every read depend on them.
     write_cifar10(tmp_path / "data", n_train=300, n_test=60)
-    natural = {"dataset": "cifar10", "data_dir": str(tmp_path / "data"), "epochs": 3}
+    natural = {"dataset": "cifar10", "data_dir": str(tmp_path / "data"), "epochs": 3, **index}
     whole = train(config(tmp_path, "whole", **natural), log=quiet)
 
     original_save = Trainer.save

@@ -12,7 +12,7 @@ import torch
 from ._faiss import GPU_MAX_K, has_faiss, has_faiss_gpu, require_faiss
 from .base import METRIC, MemoryIndex, check_vectors
 from .faiss_index import FAISS_KINDS, FaissIndex, faiss_from_bytes
-from .params import IndexParams
+from .params import WARM_KMEANS_ITERATIONS, IndexParams
 from .store import REBUILD_HINT, IndexMismatchError, check_header, read_index_file
 from .torch_exact import TorchExactIndex
 
@@ -63,8 +63,13 @@ def build_index(
     log: Callable[[str], None] | None = None,
     *,
     seed: int = 0,
+    centroids: torch.Tensor | None = None,
+    kmeans_iterations: int = WARM_KMEANS_ITERATIONS,
 ) -> MemoryIndex:
-    """Index L2-normalised (N, d) cells for inner-product top-k; kind="auto" picks by N, d, k and device."""
+    """Index L2-normalised (N, d) cells for inner-product top-k; kind="auto" picks by N, d, k and device.
+
+    centroids and kmeans_iterations start an IVF kind's k-means (FaissIndex.build); other kinds ignore them.
+    """
     vectors = check_vectors(vectors)
     n, d = vectors.shape
     if not 1 <= k <= n:
@@ -77,7 +82,8 @@ def build_index(
     if kind == "torch":
         return TorchExactIndex(vectors, params.device)
     require_faiss()
-    return FaissIndex.build(vectors, kind, replace(params, kind=kind), k, log, seed=seed)
+    return FaissIndex.build(vectors, kind, replace(params, kind=kind), k, log, seed=seed, centroids=centroids,
+                            kmeans_iterations=kmeans_iterations)
 
 
 def load_index(

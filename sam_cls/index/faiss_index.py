@@ -18,6 +18,7 @@ from .params import (
     IVF_KINDS,
     REFINE_K_FACTOR,
     TRAIN_POINTS_PER_LIST,
+    WARM_KMEANS_ITERATIONS,
     IndexParams,
     default_ef_search,
     default_nlist,
@@ -120,8 +121,14 @@ class FaissIndex(MemoryIndex):
         log: Callable[[str], None] | None = None,
         seed: int = 0,
         place: bool = True,
+        centroids: torch.Tensor | None = None,
+        kmeans_iterations: int = WARM_KMEANS_ITERATIONS,
     ) -> FaissIndex:
-        """Train (IVF kinds) and fill a new index; deterministic under `seed` on the CPU."""
+        """Train (IVF kinds) and fill a new index; deterministic under `seed` on the CPU.
+
+        centroids (nlist, d), from an earlier index over the same cells, start k-means warm; with
+        kmeans_iterations=0 they are the coarse quantizer as given (a resumed run's index, rebuilt exactly).
+        """
         faiss = require_faiss()
         x = check_vectors(vectors).cpu()
         n, d = x.shape
@@ -131,16 +138,21 @@ class FaissIndex(MemoryIndex):
             ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
             ivf.cp.seed = seed  # faiss k-means has its own RNG: seed it for reproducible lists
             ivf.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
-            # Coarse k-means on all threads, assigning by exact search; filling the quantizer here makes
-            # index.train skip it.
-            clustering = faiss.Clustering(d, ivf.nlist, ivf.cp)
-            if _hnsw_quantizer(ivf) is None:
-                clustering.train(x.numpy(), ivf.quantizer)
-            else:
+            if centroids is not None and tuple(centroids.shape) != (ivf.nlist, d):
+                centroids = None  # another list count (the memory was resized): start cold
+            if centroids is None or kmeans_iterations > 0:
+                # Coarse k-means on all threads, assigning by exact search; faiss starts from centroids
+                # already in clustering.centroids.
+                clustering = faiss.Clustering(d, ivf.nlist, ivf.cp)
+                if centroids is not None:
+                    clustering.niter = kmeans_iterations
+                    faiss.copy_array_to_vector(np.ascontiguousarray(centroids, dtype=np.float32).ravel(),
+                                               clustering.centroids)
                 clustering.train(x.numpy(), faiss.IndexFlatIP(d))
                 centroids = faiss.vector_to_array(clustering.centroids).reshape(ivf.nlist, d)
-                with omp_threads(1):  # parallel HNSW inserts race: one thread keeps the graph deterministic
-                    ivf.quantizer.add(centroids)
+            # Filling the quantizer here makes index.train skip it.
+            with omp_threads(1):  # parallel HNSW inserts race: one thread keeps the graph deterministic
+                ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
             if kind == "ivfpq":
                 ivf.pq.cp.seed = seed
                 index.k_factor = REFINE_K_FACTOR
@@ -160,6 +172,12 @@ class FaissIndex(MemoryIndex):
         if place:
             built.place()
         return built
+
+    def centroids(self) -> torch.Tensor | None:
+        """The coarse centroids (nlist, d) of an IVF kind, from which its retrain starts; None otherwise."""
+        if self.kind not in IVF_KINDS:
+            return None
+        return self.faiss.extract_index_ivf(self._cpu_index()).quantizer.reconstruct_n(0, self.nlist)
 
     def add(self, x: torch.Tensor) -> None:
         """Append cells; a GPU index takes CPU or same-device tensors directly."""

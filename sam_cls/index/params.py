@@ -12,6 +12,9 @@ IVF_KINDS = ("ivf", "ivfpq")
 
 # k-means wants about 39 training points per centroid; fewer gives empty or noisy lists.
 MIN_POINTS_PER_LIST = 39
+# A retrain starts k-means from the index's own centroids: the memory drifts a little between rebuilds, so
+# a few iterations refit lists that a cold start needs faiss's 10 for (k-means is most of a rebuild).
+WARM_KMEANS_ITERATIONS = 3
 # IVF training subsamples to this many points per list: good centroids, and cheap k-means at N=1e6+.
 TRAIN_POINTS_PER_LIST = 64
 # IVF lists scanned hold about this many times k candidates, and at least MIN_NPROBE lists. Measured

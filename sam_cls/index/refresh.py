@@ -26,8 +26,10 @@ class IndexRefresher:
     rebuild_every=R rebuilds every R steps; "auto" rebuilds when staleness() passes staleness_threshold;
     None only when asked (rebuild()), e.g. once an epoch before evaluation.
     IVF kinds re-add to the trained quantizer and retrain only every `retrain_every`-th rebuild (or after
-    recall fell below RECALL_FLOOR). background=True builds the next index in a worker thread from a
-    snapshot of the memory while searches use the current one, and swaps at the first step() after it is done.
+    recall fell below RECALL_FLOOR); a retrain's k-means starts from the current centroids, and `centroids`
+    (an earlier index's, e.g. from a checkpoint) make the first IVF index with no k-means at all.
+    background=True builds the next index in a worker thread from a snapshot of the memory while searches
+    use the current one, and swaps at the first step() after it is done.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class IndexRefresher:
         seed: int = 0,
         recall_sample: int = 256,
         staleness_sample: int = 1024,
+        centroids: torch.Tensor | None = None,
     ):
         if rebuild_every not in ("auto", None) and not (isinstance(rebuild_every, int) and rebuild_every >= 1):
             raise ValueError(
@@ -68,7 +71,8 @@ class IndexRefresher:
         start = time.perf_counter()
         snapshot = memory.detach()
         self._draw_samples(snapshot.shape[0])
-        self.index: MemoryIndex = build_index(snapshot, params, k, log=self.log, seed=seed)
+        self.index: MemoryIndex = build_index(snapshot, params, k, log=self.log, seed=seed, centroids=centroids,
+                                              kmeans_iterations=0)
         # Resolved kind and knobs, so later builds neither re-run "auto" nor change nprobe / efSearch.
         self.params = (
             self.index.params if isinstance(self.index, FaissIndex) else replace(params, kind="torch")
@@ -106,6 +110,10 @@ class IndexRefresher:
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A training read's search of the current index (the previous one while a background rebuild runs)."""
         return self.index.search(queries, k, nprobe=self.train_nprobe, k_factor=self.train_k_factor)
+
+    def centroids(self) -> torch.Tensor | None:
+        """The current IVF index's coarse centroids (what a checkpoint keeps to rebuild it); None otherwise."""
+        return self.index.centroids() if isinstance(self.index, FaissIndex) else None
 
     def staleness(self) -> float:
         """Mean cosine drift (1 - cos) of a fixed cell sample between its indexed and current values."""
@@ -189,7 +197,7 @@ class IndexRefresher:
         snapshot = self.memory.detach()
         retrained = (retrain or resized) and self.index.kind in IVF_KINDS
         if retrained or resized:
-            self.index = build_index(snapshot, self.params, self.k, seed=self.seed)
+            self.index = build_index(snapshot, self.params, self.k, seed=self.seed, centroids=self.centroids())
         else:  # in place: keeps IVF training, and no second copy of the cells
             self.index.refresh(snapshot)
         self._steps_since = 0
@@ -212,13 +220,14 @@ class IndexRefresher:
         # Everything the worker needs from the current index is read here, in the searching thread.
         kind, params, k, seed = self.index.kind, self.params, self.k, self.seed
         make = None if retrain else self.index.rebuilder()
+        centroids = self.centroids() if retrain else None
         self._steps_since = 0
 
         def work():
             try:
                 start = time.perf_counter()
                 if retrain:
-                    index = FaissIndex.build(snapshot, kind, params, k, seed=seed, place=False)
+                    index = FaissIndex.build(snapshot, kind, params, k, seed=seed, place=False, centroids=centroids)
                 else:
                     index = make(snapshot)
                 self._built = (index, self._recall(index, snapshot), time.perf_counter() - start)
