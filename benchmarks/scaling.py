@@ -65,7 +65,7 @@ DEFAULT_SIZES = "1e4,1e5,1e6,1e7"
 # From BIG_N cells on only compressed ivfpq: exact search would take seconds a step, and an HNSW graph hours
 # to build on a few cores. HNSW stops at HNSW_MAX_N for the same reason.
 BIG_N, BIG_KINDS, HNSW_MAX_N = 10**7, ("ivfpq",), 10**6
-BIG_KINDS_CUDA = ("ivfpq", "torch")  # on a GPU an exact scan of 1e7 cells takes milliseconds
+BIG_KINDS_CUDA = ("ivfpq", "torch")  # on a GPU an exact scan of 1e7 cells takes tens of ms, not seconds
 # Resident bytes a cell for each index (RAM check only); doubled while the index is serialized for its size.
 INDEX_BYTES = {"flat": 4 * D, "torch": 4 * D, "ivf": 4 * D + 16, "hnsw": 4 * D + 320, "ivfpq": D + 80}
 QUICK_SYNTHETIC_TRAIN = 768  # --quick throughput: a few hundred 3x32x32 synthetic images (K=256 fits)
@@ -86,8 +86,8 @@ RAM_GIB: float | None = None  # --ram-gib: a VM whose memory grows on use report
 
 def available_ram() -> int:
     """Bytes the kernel could hand out now (MemAvailable), so a size that would swap is skipped instead."""
-    if RAM_GIB is not None:
-        return int(RAM_GIB * 2**30)
+    if RAM_GIB is not None:  # the planned total, less what this process already holds
+        return int(RAM_GIB * 2**30) - (proc_kib("/proc/self/status", "VmRSS") or 0) * 1024
     kib = proc_kib("/proc/meminfo", "MemAvailable")
     return kib * 1024 if kib is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
@@ -104,19 +104,22 @@ def peak_rss_mb() -> float:
     return round(kib / 1024, 1)
 
 
+# The GPU helpers act only once something ran on CUDA: a --device cpu run on a GPU machine never starts it.
 def sync() -> None:
     """Wait for queued GPU work, so a wall-clock reading covers it (CUDA kernels run asynchronously)."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 
 def reset_peak_gpu() -> None:
-    if torch.cuda.is_available():
+    """Restart the GPU peak-memory counter, so each row reports its own peak."""
+    if torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
 
 
 def peak_gpu_mb() -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+    """Peak GPU memory allocated by torch since the last reset; None on a CPU run."""
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_initialized() else None
 
 
 def median_ms(fn: Callable[[int], object], repeats: int) -> float:
@@ -406,8 +409,9 @@ def main() -> None:
         if (need := n * (4 * D + 16) + (3 << 30)) > available_ram():  # cells, labels, generation temporaries
             skip(n, "all", f"memory needs ~{need / 2**30:.1f} GiB, {free_gib:.1f} GiB available")
             continue
-        if args.device == "cuda" and (need := 2 * n * (4 * D + 16)) > torch.cuda.mem_get_info()[0]:
-            skip(n, "all", f"GPU memory needs ~{need / 2**30:.1f} GiB")  # cells, labels and a batch's temporaries
+        # cells and labels, and 1 GiB for a step's temporaries (a torch index's copy is checked per kind)
+        if args.device == "cuda" and (need := n * (4 * D + 16) + (1 << 30)) > torch.cuda.mem_get_info()[0]:
+            skip(n, "all", f"GPU memory needs ~{need / 2**30:.1f} GiB")
             continue
         bank = make_bank(n, args.seed, args.device)
         batches = make_batches(bank, WARMUP + repeats, args.seed)
@@ -421,6 +425,8 @@ def main() -> None:
             elif (need := 2 * INDEX_BYTES[kind] * n + (1 << 30)) > available_ram():
                 skip(n, f"sparse/{kind}", f"index needs ~{need / 2**30:.1f} GiB, "
                      f"{available_ram() / 2**30:.1f} GiB available")
+            elif kind == "torch" and args.device == "cuda" and INDEX_BYTES[kind] * n > torch.cuda.mem_get_info()[0]:
+                skip(n, "sparse/torch", f"its copy of the cells needs ~{INDEX_BYTES[kind] * n / 2**30:.1f} GiB of GPU")
             else:
                 jobs.append(("sparse", kind))
         dense = [r for r in rows if r["method"] == "dense"]
@@ -448,6 +454,8 @@ def main() -> None:
             gc.collect()  # drop the row's index before the next is built
         del bank, batches
         gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # so the next size's GPU check sees the freed memory
 
     report["slopes"] = slopes(rows)
     print("\nslope of log(step_ms) on log(N) (sparse should be ~0, dense ~1):")

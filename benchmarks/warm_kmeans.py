@@ -17,6 +17,7 @@ in a run (a random encoder's against a trained one's). Writes results/warm_kmean
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -52,8 +53,9 @@ def compare(trainer: Trainer, centroids: torch.Tensor, warm_iterations: list[int
         for _ in range(SEARCH_PASSES):
             t0 = time.perf_counter()
             for i in range(0, len(queries), batch):
-                index.search(queries[i : i + batch], refresher.k, nprobe=refresher.train_nprobe)
-            search_ms.append((time.perf_counter() - t0) * 1e3 / -(-len(queries) // batch))
+                index.search(queries[i : i + batch], refresher.k, nprobe=refresher.train_nprobe,
+                             k_factor=refresher.train_k_factor)
+            search_ms.append((time.perf_counter() - t0) * 1e3 / math.ceil(len(queries) / batch))
         rows[name] = {"build_s": round(statistics.median(seconds), 3),
                       "recall_at_k": round(recall_at_k(index, memory, queries, refresher.k)["recall_at_k"], 4),
                       "imbalance": round(faiss.extract_index_ivf(index.index).invlists.imbalance_factor(), 3),

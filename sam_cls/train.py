@@ -224,11 +224,12 @@ class Trainer:
             else:
                 with record_function("encoder"):
                     u = self.encoder(x)
-                # Diverged weights show first as non-finite embeddings, which a faiss index cannot search.
-                # On the CPU the check is free, and a faiss search syncs with the host anyway. A torch
-                # search on the GPU takes them and never syncs, so there the loss check below catches the
-                # NaN within 20 steps instead of a check that would make the host wait for the GPU each step.
-                if (not u.is_cuda or not self.refresher.index.searches_non_finite) and not torch.isfinite(u).all():
+                # Diverged weights show first as non-finite embeddings, which a faiss index cannot search:
+                # check before such a search (it syncs with the host anyway), and on the CPU (free). Other
+                # GPU steps leave the NaN to the loss check below (within 20 steps) rather than make the
+                # host wait for the GPU every step.
+                faiss_search = cfg.topk and not cfg.support_sample and not self.refresher.index.searches_non_finite
+                if (faiss_search or not u.is_cuda) and not torch.isfinite(u).all():
                     raise self.diverged("nan")
                 with record_function("read"):
                     log_probs = self.log_probs(u, idx)

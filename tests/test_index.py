@@ -75,11 +75,14 @@ def test_flat_equals_torch_exact(small):
     assert torch.equal(exact_search(x, q, 50)[1], ti)
 
 
-def test_only_the_torch_index_claims_to_search_non_finite_queries(small):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_only_the_torch_index_claims_to_search_non_finite_queries(small, device):
     x, q = small
-    exact = build_index(x, IndexParams(kind="torch"), k=50)
-    assert exact.searches_non_finite and not build_index(x, IndexParams(kind="flat"), k=50).searches_non_finite
-    q = q[:4].clone()
+    exact = build_index(x.to(device), IndexParams(kind="torch", device=device), k=50)
+    assert exact.searches_non_finite
+    faiss_kinds = [kind for kind in KINDS if kind != "torch"]
+    assert not any(build_index(x, IndexParams(kind=kind), k=50).searches_non_finite for kind in faiss_kinds)
+    q = q[:4].clone().to(device)
     q[0, 0], q[1] = float("nan"), float("inf")  # what diverged encoder weights produce
     _, ids = exact.search(q, 50)
     # Valid, distinct ids for every row: the read can gather them and its loss carries the NaN on.
@@ -162,13 +165,16 @@ def test_an_ivf_index_rebuilds_from_its_centroids(kind, graph, small, monkeypatc
     exact = build_index(x, params, k=10, seed=3, centroids=centroids, kmeans_iterations=0)
     assert torch.equal(exact.centroids(), centroids)
     assert torch.equal(exact.search(q, 10)[1], first.search(q, 10)[1])
-    # A warm retrain over drifted cells refits the lists from there: deterministic, and not a cold start.
+    # A warm retrain over drifted cells refits the lists from there: deterministic, and list i stays near
+    # where it started, which a cold start's list i does not.
     moved = x.clone()
     drift(moved, 0.3)
     warm = build_index(moved, params, k=10, seed=3, centroids=centroids)
     assert torch.equal(warm.centroids(), build_index(moved, params, k=10, seed=3, centroids=centroids).centroids())
-    assert not torch.equal(warm.centroids(), build_index(moved, params, k=10, seed=3).centroids())
     assert not torch.equal(warm.centroids(), centroids)
+    cold = build_index(moved, params, k=10, seed=3)
+    kept = F.cosine_similarity(warm.centroids(), centroids).mean()
+    assert kept > 0.8 > F.cosine_similarity(cold.centroids(), centroids).mean()
     # Centroids for another list count (a resized memory) are set aside: a cold start, no error.
     other = build_index(x, IndexParams(kind=kind, nlist=40), k=10, seed=3, centroids=centroids)
     assert torch.equal(other.centroids(), build_index(x, IndexParams(kind=kind, nlist=40), k=10, seed=3).centroids())
@@ -182,16 +188,43 @@ def test_refresher_retrains_from_its_centroids(small, monkeypatch):
     refresher = IndexRefresher(memory, IndexParams(kind="ivf", nlist=50), k=10, rebuild_every=None, seed=3)
     seen = []
     real = refresh.build_index
-    monkeypatch.setattr(refresh, "build_index", lambda *a, **kw: seen.append(kw.get("centroids")) or real(*a, **kw))
+
+    def build_and_record(*args, **kwargs):  # the real build; records what k-means was started from
+        seen.append(kwargs.get("centroids"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(refresh, "build_index", build_and_record)
     before = refresher.centroids()
     drift(memory, 0.3)
     refresher.rebuild("evaluation")
     assert len(seen) == 1 and torch.equal(seen[0], before)
     assert refresher.history[-1]["retrained"] and refresher.history[-1]["recall_after"] > 0.9
+    # After a recall below the floor the next retrain starts cold: those centroids served badly.
+    refresher._retrain_next = True
+    refresher.rebuild("evaluation")
+    assert seen[-1] is None
     # Built from a checkpoint's centroids, the first index is that index again, with no k-means.
     again = IndexRefresher(memory, IndexParams(kind="ivf", nlist=50), k=10, rebuild_every=None, seed=3,
                            centroids=refresher.centroids())
     assert torch.equal(again.centroids(), refresher.centroids())
+
+
+def test_background_retrain_starts_from_the_centroids_too(small):
+    x, _ = small
+    memory = x.clone()
+    params = IndexParams(kind="ivf", nlist=50)
+    refresher = IndexRefresher(memory, params, k=10, rebuild_every=1, retrain_every=1, background=True, seed=3)
+    before = refresher.centroids()
+    drift(memory, 0.3)
+    assert refresher.step(1) is None  # starts the build from a snapshot of the drifted memory
+    record, deadline = None, time.monotonic() + 30
+    while record is None and time.monotonic() < deadline:
+        record = refresher.step(2)  # swaps the finished build in
+        time.sleep(0.01)
+    refresher.close()
+    assert record is not None and record["background"] and record["retrained"]
+    expected = build_index(memory, refresher.params, k=10, seed=3, centroids=before)
+    assert torch.equal(refresher.centroids(), expected.centroids())
 
 
 def test_refresher_reads_at_the_training_depth(small):

@@ -77,11 +77,12 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("index", [{}, {"index": "ivf", "nprobe": 2, "train_nprobe": 1}])
+@pytest.mark.parametrize("index", [{}, {"index": "ivf", "nprobe": 2, "train_nprobe": 1},
+                                   {"index": "ivf", "nprobe": 2, "train_nprobe": 1, "rebuild_every": "3"}])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, index):
     # Natural images, so the crop/flip generator's state must be restored too. An IVF index's rebuilds
     # start k-means from its centroids, so the checkpoint must bring them back; searching 1-2 of its 7
-    # lists makes every read depend on them.
+    # lists makes every read depend on them. Rebuilds every 3 steps also follow the recall of that index.
     write_cifar10(tmp_path / "data", n_train=300, n_test=60)
     natural = {"dataset": "cifar10", "data_dir": str(tmp_path / "data"), "epochs": 3, **index}
     whole = train(config(tmp_path, "whole", **natural), log=quiet)
@@ -113,7 +114,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_nan_loss_stops_with_a_clear_error_and_no_checkpoint(tmp_path, device):
     # On a GPU the torch index searches non-finite queries and the loss check catches them instead.
-    cfg = config(tmp_path, lr=1e30, epochs=1, device=device)
+    cfg = config(tmp_path, lr=1e30, epochs=1, device=device, index="torch" if device == "cuda" else "auto")
     with pytest.raises(TrainingError, match="lower --lr"):
         train(cfg, log=quiet)
     assert not RunDir(cfg.out).checkpoint.exists()

@@ -84,6 +84,10 @@ class MemoryIndex(ABC):
     def _payload(self) -> tuple[str, object]:
         """(backend name, buffer) for save: the serialized CPU form of the index."""
 
+    def centroids(self) -> torch.Tensor | None:
+        """An IVF index's coarse centroids, which a retrain starts k-means from; None for other kinds."""
+        return None
+
     def place(self) -> None:
         """Move to the target device where that was deferred (see rebuilder); a no-op by default."""
 

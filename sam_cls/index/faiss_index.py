@@ -57,8 +57,8 @@ def factory_string(kind: str, n: int, d: int, k: int, params: IndexParams) -> st
         )
     ivf = f"IVF{nlist}"
     # Many lists: find a query's nearest centroids by HNSW, not a scan of all of them. A faiss GPU index
-    # scans its centroids fast and wants a flat quantizer, so an ivf index bound for a GPU keeps one.
-    if nlist >= HNSW_QUANTIZER_MIN_NLIST and not (kind == "ivf" and params.cuda):
+    # scans its centroids fast and wants a flat quantizer, so an ivf index bound for one (faiss-gpu) keeps it.
+    if nlist >= HNSW_QUANTIZER_MIN_NLIST and not (kind == "ivf" and params.cuda and has_faiss_gpu()):
         ivf += f"_HNSW{HNSW_M}"
     if kind == "ivf":
         return f"{ivf},Flat"
@@ -126,9 +126,12 @@ class FaissIndex(MemoryIndex):
     ) -> FaissIndex:
         """Train (IVF kinds) and fill a new index; deterministic under `seed` on the CPU.
 
-        centroids (nlist, d), from an earlier index over the same cells, start k-means warm; with
-        kmeans_iterations=0 they are the coarse quantizer as given (a resumed run's index, rebuilt exactly).
+        centroids (nlist, d), an earlier index's over earlier values of these cells, start k-means warm for
+        kmeans_iterations; with 0 they are the coarse quantizer as given (a resumed run's index, rebuilt
+        exactly). Without centroids k-means starts cold and runs faiss's iterations.
         """
+        if kmeans_iterations < 0:
+            raise ValueError(f"kmeans_iterations must be >= 0, got {kmeans_iterations}")
         faiss = require_faiss()
         x = check_vectors(vectors).cpu()
         n, d = x.shape
@@ -138,21 +141,24 @@ class FaissIndex(MemoryIndex):
             ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
             ivf.cp.seed = seed  # faiss k-means has its own RNG: seed it for reproducible lists
             ivf.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
-            if centroids is not None and tuple(centroids.shape) != (ivf.nlist, d):
-                centroids = None  # another list count (the memory was resized): start cold
-            if centroids is None or kmeans_iterations > 0:
+            start = None if centroids is None else centroids.detach().float().cpu().contiguous().numpy()
+            if start is not None and start.shape != (ivf.nlist, d):
+                if log:
+                    log(f"index: {start.shape[0]}x{start.shape[1]} centroids do not fit {ivf.nlist} lists of "
+                        f"dimension {d} (a resized memory or another nlist): k-means starts cold")
+                start = None
+            if start is None or kmeans_iterations > 0:
                 # Coarse k-means on all threads, assigning by exact search; faiss starts from centroids
                 # already in clustering.centroids.
                 clustering = faiss.Clustering(d, ivf.nlist, ivf.cp)
-                if centroids is not None:
+                if start is not None:
                     clustering.niter = kmeans_iterations
-                    faiss.copy_array_to_vector(np.ascontiguousarray(centroids, dtype=np.float32).ravel(),
-                                               clustering.centroids)
+                    faiss.copy_array_to_vector(start.ravel(), clustering.centroids)
                 clustering.train(x.numpy(), faiss.IndexFlatIP(d))
-                centroids = faiss.vector_to_array(clustering.centroids).reshape(ivf.nlist, d)
+                start = faiss.vector_to_array(clustering.centroids).reshape(ivf.nlist, d)
             # Filling the quantizer here makes index.train skip it.
             with omp_threads(1):  # parallel HNSW inserts race: one thread keeps the graph deterministic
-                ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+                ivf.quantizer.add(start)
             if kind == "ivfpq":
                 ivf.pq.cp.seed = seed
                 index.k_factor = REFINE_K_FACTOR
@@ -177,7 +183,9 @@ class FaissIndex(MemoryIndex):
         """The coarse centroids (nlist, d) of an IVF kind, from which its retrain starts; None otherwise."""
         if self.kind not in IVF_KINDS:
             return None
-        return self.faiss.extract_index_ivf(self._cpu_index()).quantizer.reconstruct_n(0, self.nlist)
+        # A GPU index's trained, empty CPU form holds the same quantizer without copying its lists back.
+        cpu = self.faiss.deserialize_index(self._template_bytes()) if self.on_gpu else self.index
+        return self.faiss.extract_index_ivf(cpu).quantizer.reconstruct_n(0, self.nlist)
 
     def add(self, x: torch.Tensor) -> None:
         """Append cells; a GPU index takes CPU or same-device tensors directly."""

@@ -26,8 +26,8 @@ class IndexRefresher:
     rebuild_every=R rebuilds every R steps; "auto" rebuilds when staleness() passes staleness_threshold;
     None only when asked (rebuild()), e.g. once an epoch before evaluation.
     IVF kinds re-add to the trained quantizer and retrain only every `retrain_every`-th rebuild (or after
-    recall fell below RECALL_FLOOR); a retrain's k-means starts from the current centroids, and `centroids`
-    (an earlier index's, e.g. from a checkpoint) make the first IVF index with no k-means at all.
+    recall fell below RECALL_FLOOR); a retrain's k-means starts from the current centroids (cold after a
+    recall below the floor), and `centroids` (from a checkpoint) make the first IVF index with no k-means.
     background=True builds the next index in a worker thread from a snapshot of the memory while searches
     use the current one, and swaps at the first step() after it is done.
     """
@@ -78,6 +78,8 @@ class IndexRefresher:
             self.index.params if isinstance(self.index, FaissIndex) else replace(params, kind="torch")
         )
         self._indexed_sample = snapshot[self._sample_ids].clone()
+        if centroids is not None:  # a checkpoint's index again: its recall decided how the next retrain starts
+            self._retrain_next = self._below_floor(self._recall(self.index, snapshot))
         self.log(
             f"index built: {self.description}, {self.index.size} cells, "
             f"{time.perf_counter() - start:.2f}s"
@@ -113,7 +115,14 @@ class IndexRefresher:
 
     def centroids(self) -> torch.Tensor | None:
         """The current IVF index's coarse centroids (what a checkpoint keeps to rebuild it); None otherwise."""
-        return self.index.centroids() if isinstance(self.index, FaissIndex) else None
+        return self.index.centroids()
+
+    def _warm_start(self) -> torch.Tensor | None:
+        """Centroids for a retrain's k-means: the current ones, unless they gave a recall below the floor."""
+        return None if self._retrain_next else self.centroids()
+
+    def _below_floor(self, recall: float | None) -> bool:
+        return recall is not None and recall < RECALL_FLOOR and self.index.kind in IVF_KINDS
 
     def staleness(self) -> float:
         """Mean cosine drift (1 - cos) of a fixed cell sample between its indexed and current values."""
@@ -197,7 +206,7 @@ class IndexRefresher:
         snapshot = self.memory.detach()
         retrained = (retrain or resized) and self.index.kind in IVF_KINDS
         if retrained or resized:
-            self.index = build_index(snapshot, self.params, self.k, seed=self.seed, centroids=self.centroids())
+            self.index = build_index(snapshot, self.params, self.k, seed=self.seed, centroids=self._warm_start())
         else:  # in place: keeps IVF training, and no second copy of the cells
             self.index.refresh(snapshot)
         self._steps_since = 0
@@ -220,7 +229,7 @@ class IndexRefresher:
         # Everything the worker needs from the current index is read here, in the searching thread.
         kind, params, k, seed = self.index.kind, self.params, self.k, self.seed
         make = None if retrain else self.index.rebuilder()
-        centroids = self.centroids() if retrain else None
+        centroids = self._warm_start() if retrain else None
         self._steps_since = 0
 
         def work():
@@ -259,7 +268,7 @@ class IndexRefresher:
         self._indexed_sample = snapshot[self._sample_ids].clone()
         self.rebuilds += 1
         self._since_retrain = 0 if retrained else self._since_retrain + 1
-        self._retrain_next = recall is not None and recall < RECALL_FLOOR and self.index.kind in IVF_KINDS
+        self._retrain_next = self._below_floor(recall)
         record = {
             "reason": job["reason"],
             "seconds": round(seconds, 4),
