@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import available_ram
 
 from sam_cls.index import IndexParams, build_index, exact_search
 from sam_cls.index.recall import knn_intersection_measure, timed_ms
@@ -34,14 +34,6 @@ PEAK_RAW_COPIES = 4
 def parse_sizes(text: str) -> list[int]:
     """'1e4,1e5' -> [10000, 100000]."""
     return [int(float(s)) for s in text.split(",") if s.strip()]
-
-
-def available_ram() -> int:
-    """Bytes of RAM free now, or a large number where the OS does not say."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
 
 
 def bench_kind(

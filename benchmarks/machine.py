@@ -12,6 +12,21 @@ import numpy as np
 import torch
 
 
+def proc_kib(file: str, key: str) -> int | None:
+    """A 'Key: value kB' field of a Linux /proc file, or None elsewhere."""
+    try:
+        line = next((x for x in Path(file).read_text().splitlines() if x.startswith(key + ":")), None)
+    except OSError:
+        return None
+    return int(line.split()[1]) if line else None
+
+
+def available_ram() -> int:
+    """Bytes the kernel could hand out now: MemAvailable counts reclaimable page cache, which free RAM does not."""
+    kib = proc_kib("/proc/meminfo", "MemAvailable")
+    return kib * 1024 if kib is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def describe() -> dict:
     """CPU, memory, GPU and library versions: enough to tell whether two results files are comparable."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

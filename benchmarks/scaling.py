@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import resource
 import shlex
 import sys
@@ -36,10 +35,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import machine
 import numpy as np
 import torch
 import torch.nn.functional as F
-from machine import describe
+from machine import describe, proc_kib
 
 from sam_cls.config import Config
 from sam_cls.index import IndexParams, IndexRefresher
@@ -72,24 +72,14 @@ QUICK_SYNTHETIC_TRAIN = 768  # --quick throughput: a few hundred 3x32x32 synthet
 
 
 # ----------------------------------------------------------------------------- measuring
-def proc_kib(file: str, key: str) -> int | None:
-    """A 'Key: value kB' field of a Linux /proc file, or None elsewhere."""
-    try:
-        line = next((x for x in Path(file).read_text().splitlines() if x.startswith(key + ":")), None)
-    except OSError:
-        return None
-    return int(line.split()[1]) if line else None
-
-
 RAM_GIB: float | None = None  # --ram-gib: a VM whose memory grows on use reports too little available
 
 
 def available_ram() -> int:
-    """Bytes the kernel could hand out now (MemAvailable), so a size that would swap is skipped instead."""
+    """Bytes free for the next size, so a size that would swap is skipped instead."""
     if RAM_GIB is not None:  # the planned total, less what this process already holds
         return int(RAM_GIB * 2**30) - (proc_kib("/proc/self/status", "VmRSS") or 0) * 1024
-    kib = proc_kib("/proc/meminfo", "MemAvailable")
-    return kib * 1024 if kib is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return machine.available_ram()
 
 
 def reset_peak_rss() -> None:
