@@ -81,7 +81,7 @@ def main() -> None:
         if not hasattr(graph, "hnsw"):
             raise SystemExit(f"N={n}: {index.description} has a flat quantizer; raise --nlist or N")
         scan = faiss.IndexFlatIP(bank.dim)  # the same centroids, found by a full scan
-        scan.add(graph.reconstruct_n(0, ivf.nlist))
+        scan.add(index.centroids())
         exact = [exact_search(bank.embeddings, q, k)[1] for q in queries[:RECALL_BATCHES]]
         depths = {"training": (refresher.train_nprobe, refresher.train_k_factor),
                   "evaluation": (index.params.nprobe, index.index.k_factor)}

@@ -82,10 +82,12 @@ def available_ram() -> int:
     return machine.available_ram()
 
 
-def reset_peak_rss() -> None:
-    """Restart Linux's peak-RSS counter so each row reports its own peak, not the whole run's."""
+def reset_peaks() -> None:
+    """Restart the peak-RSS (Linux) and GPU peak-memory counters, so each row reports its own peaks."""
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_initialized():  # see sync()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_rss_mb() -> float:
@@ -99,12 +101,6 @@ def sync() -> None:
     """Wait for queued GPU work, so a wall-clock reading covers it (CUDA kernels run asynchronously)."""
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()
-
-
-def reset_peak_gpu() -> None:
-    """Restart the GPU peak-memory counter, so each row reports its own peak."""
-    if torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_gpu_mb() -> float | None:
@@ -130,7 +126,7 @@ def median_ms(fn: Callable[[int], object], repeats: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def make_bank(n: int, seed: int, device: str) -> MemoryBank:
+def make_bank(n: int, seed: int, device: str = "cpu") -> MemoryBank:
     """N unit-norm clustered cells labelled by cluster mod NUM_CLASSES, drawn on the CPU (same on any device)."""
     cells, _ = clustered_embeddings(n, D, CLUSTERS, seed)
     # clustered_embeddings returns no cluster ids; its centres are the seeded generator's first draw, so draw
@@ -167,8 +163,7 @@ def sparse_row(bank: MemoryBank, kind: str, batches: tuple, repeats: int, seed: 
                nlist: int | None) -> dict:
     """Search K+1, sparse read forward/backward, write: the step whose cost should not grow with N."""
     idx, queries = batches
-    reset_peak_rss()
-    reset_peak_gpu()
+    reset_peaks()
     start = time.perf_counter()
     # The refresher is what a training step searches through: it sets the shallower training depth (IVF).
     params = IndexParams(kind=kind, nlist=nlist, device=bank.embeddings.device.type)
@@ -207,8 +202,7 @@ def dense_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
     """dense_read over every cell, forward and backward: the exact read the sparse one approximates."""
     idx, queries = batches
     chunk = DENSE_CHUNK[bank.embeddings.device.type]
-    reset_peak_rss()
-    reset_peak_gpu()
+    reset_peaks()
 
     def step(i: int) -> None:
         u = queries[i].clone().requires_grad_()
@@ -232,8 +226,7 @@ def support_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
     idx, queries = batches
     m = min(SUPPORT_M, bank.size)
     gen = torch.Generator().manual_seed(0)
-    reset_peak_rss()
-    reset_peak_gpu()
+    reset_peaks()
 
     def step(i: int) -> None:
         # randint, not the trainer's randperm(N)[:M]: an O(N) draw a step is not the method's cost

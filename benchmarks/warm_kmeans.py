@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import faiss
@@ -30,6 +28,7 @@ from machine import write_report
 from sam_cls.config import Config
 from sam_cls.index import build_index, recall_at_k
 from sam_cls.index.params import WARM_KMEANS_ITERATIONS
+from sam_cls.index.recall import timed_ms
 from sam_cls.train import Trainer
 
 BUILDS, SEARCH_PASSES, RECALL_QUERIES = 3, 5, 1024
@@ -43,23 +42,20 @@ def compare(trainer: Trainer, centroids: torch.Tensor, warm_iterations: list[int
     rows = {}
     starts = [("cold", None, 0)] + [(f"warm{i}", centroids, i) for i in warm_iterations]
     for name, start, iterations in starts:
-        seconds = []
-        for _ in range(BUILDS):
-            t0 = time.perf_counter()
-            index = build_index(memory, refresher.params, refresher.k, seed=trainer.cfg.seed, centroids=start,
-                                kmeans_iterations=iterations)
-            seconds.append(time.perf_counter() - t0)
-        search_ms = []
-        for _ in range(SEARCH_PASSES):
-            t0 = time.perf_counter()
+        index, build_ms = timed_ms(lambda start=start, iterations=iterations: build_index(
+            memory, refresher.params, refresher.k, seed=trainer.cfg.seed, centroids=start,
+            kmeans_iterations=iterations), BUILDS)
+
+        def training_searches(index=index) -> None:
             for i in range(0, len(queries), batch):
                 index.search(queries[i : i + batch], refresher.k, nprobe=refresher.train_nprobe,
                              k_factor=refresher.train_k_factor)
-            search_ms.append((time.perf_counter() - t0) * 1e3 / math.ceil(len(queries) / batch))
-        rows[name] = {"build_s": round(statistics.median(seconds), 3),
+
+        _, pass_ms = timed_ms(training_searches, SEARCH_PASSES)
+        rows[name] = {"build_s": round(build_ms / 1e3, 3),
                       "recall_at_k": round(recall_at_k(index, memory, queries, refresher.k)["recall_at_k"], 4),
                       "imbalance": round(faiss.extract_index_ivf(index.index).invlists.imbalance_factor(), 3),
-                      "train_search_ms": round(statistics.median(search_ms), 2)}
+                      "train_search_ms": round(pass_ms / math.ceil(len(queries) / batch), 2)}
     return rows
 
 
