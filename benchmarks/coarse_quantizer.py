@@ -18,8 +18,10 @@ import gc
 import statistics
 import time
 
+import torch  # first: faiss imported after it shares torch's OpenMP runtime (sam_cls/index/_faiss.py)
+
+# isort: split
 import faiss
-import torch
 from machine import write_report
 from scaling import B, K, make_bank, make_batches
 

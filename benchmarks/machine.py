@@ -7,9 +7,11 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch  # first: faiss imported after it shares torch's OpenMP runtime (sam_cls/index/_faiss.py)
+
+# isort: split
 import faiss
 import numpy as np
-import torch
 
 
 def proc_kib(file: str, key: str) -> int | None:

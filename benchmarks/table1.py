@@ -25,9 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch  # first: faiss imported after it shares torch's OpenMP runtime (sam_cls/index/_faiss.py)
+
+# isort: split
 import faiss
 import faiss.contrib.torch_utils
-import torch
 from machine import describe
 
 from sam_cls.checkpoint import RunDir

@@ -21,8 +21,10 @@ import math
 import sys
 from pathlib import Path
 
+import torch  # first: faiss imported after it shares torch's OpenMP runtime (sam_cls/index/_faiss.py)
+
+# isort: split
 import faiss
-import torch
 from machine import write_report
 
 from sam_cls.config import Config

@@ -21,7 +21,7 @@ from sam_cls.index import (
     load_index,
     recall_at_k,
 )
-from sam_cls.index._faiss import has_faiss_gpu
+from sam_cls.index._faiss import OPENMP_NOT_SHARED, has_faiss_gpu, openmp_shared_with_torch
 from sam_cls.index.params import default_nprobe, default_train_nprobe
 from sam_cls.index.synthetic import clustered_embeddings
 
@@ -429,6 +429,17 @@ except ImportError as e:
         in out.stdout
     )
 
+
+
+@pytest.mark.skipif(openmp_shared_with_torch() is None, reason="no faiss, or torch ships no libgomp to compare")
+def test_faiss_imported_before_torch_is_warned_of_and_torch_first_shares_one_openmp_runtime():
+    code = "import {}; import sam_cls.index._faiss as f; print(f.openmp_shared_with_torch())"
+    runs = {order: subprocess.run([sys.executable, "-W", "always", "-c", code.format(order)], check=False,
+                                  capture_output=True, text=True, timeout=120)
+            for order in ("torch, faiss", "faiss, torch")}
+    assert all(out.returncode == 0 for out in runs.values()), [out.stderr for out in runs.values()]
+    assert runs["torch, faiss"].stdout.split() == ["True"] and OPENMP_NOT_SHARED not in runs["torch, faiss"].stderr
+    assert runs["faiss, torch"].stdout.split() == ["False"] and OPENMP_NOT_SHARED in runs["faiss, torch"].stderr
 
 @cuda
 @pytest.mark.parametrize("kind", ["flat", "ivf", "torch", "hnsw"])

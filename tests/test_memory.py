@@ -1,7 +1,10 @@
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from sam_cls.memory import MemoryBank
+from sam_cls.memory import MemoryBank, back_with_huge_pages
 
 
 def test_write_is_a_normalised_momentum_update_of_only_the_batch_cells():
@@ -32,3 +35,30 @@ def test_shape_mismatch_is_a_clear_error():
         assert "(3, 2)" in str(e) and "(4,)" in str(e)
     else:
         raise AssertionError("mismatched labels accepted")
+
+
+def _huge_kib_at(address: int) -> int:
+    """AnonHugePages of the mapping holding `address`, from /proc/self/smaps."""
+    kib, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping's header line: "start-end perms ..."
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            kib = int(line.split()[1])
+    return kib
+
+
+def test_a_collapsed_memory_keeps_its_values_in_huge_pages():
+    cells = F.normalize(torch.randn(64 << 10, 128, generator=torch.Generator().manual_seed(0)), dim=1)  # 32 MiB
+    before = cells.clone()
+    if not back_with_huge_pages(cells):
+        pytest.skip("this kernel has no transparent huge pages to collapse into (Linux 6.1+ MADV_COLLAPSE)")
+    assert torch.equal(cells, before)
+    assert _huge_kib_at(cells.data_ptr() + cells.numel() * 2) >= 2048  # its middle lies in a huge page
+
+
+def test_a_tensor_smaller_than_a_huge_page_is_left_alone():
+    small = torch.ones(1000, 4)
+    assert back_with_huge_pages(small) is False and small.sum().item() == 4000

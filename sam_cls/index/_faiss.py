@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import torch
+import ctypes
+import warnings
+from pathlib import Path
+
+import torch  # before faiss: see OPENMP_NOT_SHARED
 
 try:
     import faiss
@@ -12,6 +16,15 @@ try:
 except ImportError:  # the torch exact back-end still works without faiss
     faiss = None
 
+# torch loads its libgomp globally, so a faiss imported after it binds its OpenMP calls to that one runtime
+# and one pool of threads serves both. A faiss imported first keeps its own: two pools then contend for the
+# cores and each spin-waits on the other's, and the training step's torch work between searches slows down
+# (benchmarks/scaling.py at N=1e4 on 2 cores, ivfpq: 24.3 ms a step that way, 15 ms torch first).
+OPENMP_NOT_SHARED = (
+    "faiss was imported before torch, so each runs its own OpenMP thread pool and the two contend for the CPU "
+    "(a CPU training step is up to ~1.6x slower): import torch (or sam_cls) before faiss"
+)
+
 FAISS_MISSING = "faiss is not installed: pip install 'sam-cls[cpu]' (or 'sam-cls[gpu]' on a CUDA machine)"
 
 # Limits of faiss GPU k-selection (GPU_MAX_SELECTION_K) and of nprobe on GPU IVF indices.
@@ -19,6 +32,24 @@ GPU_MAX_K = 2048
 GPU_MAX_NPROBE = 2048
 
 _gpu_resources: dict[int, object] = {}
+
+
+def openmp_shared_with_torch() -> bool | None:
+    """Whether faiss's OpenMP calls reach torch's libgomp; None where that can't be told (no faiss, no libgomp)."""
+    torch_gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"  # what Linux torch wheels ship
+    if faiss is None or not torch_gomp.exists():
+        return None
+    gomp = ctypes.CDLL(str(torch_gomp))  # already loaded by torch: this is the same library, not a new copy
+    before = faiss.omp_get_max_threads()
+    # Thread counts are one runtime's per-thread state: only a shared runtime sees faiss's change.
+    faiss.omp_set_num_threads(before + 1)
+    shared = gomp.omp_get_max_threads() == before + 1
+    faiss.omp_set_num_threads(before)
+    return shared
+
+
+if openmp_shared_with_torch() is False:
+    warnings.warn(OPENMP_NOT_SHARED, RuntimeWarning)
 
 
 def require_faiss():
