@@ -10,12 +10,16 @@ import torch.nn.functional as F
 # madvise(2) advice values (Linux): allow transparent huge pages on a range, and back it with them now.
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 THP_SIZE_FILE = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+# Memories from this size on get huge pages. It is above glibc's largest mmap threshold (32 MiB), so the range
+# is the tensor's own mapping and the advice goes with it; a smaller one may sit in the malloc heap, whose
+# later allocations would inherit it. Below it the gathers gain nothing measurable (huge_pages.py: 1e5 cells).
+HUGE_PAGES_MIN_BYTES = 64 << 20
 
 
 def back_with_huge_pages(tensor: torch.Tensor) -> bool:
-    """Back a CPU tensor with transparent huge pages, in place; False where the kernel can't (a no-op then)."""
-    # A read gathers K cells a query at random rows: once the memory outgrows the TLB's reach, each row costs a
-    # page walk as well. At N=1e7 (5 GB; benchmarks/huge_pages.py, 2 CPU cores) huge pages cut the training
+    """Back a CPU tensor with transparent huge pages, in place; False where the kernel can't (then a no-op)."""
+    # A read gathers K cells a query at random rows: once the memory outgrows the TLB's reach, each row costs
+    # a page walk as well. At N=1e7 (5 GB; benchmarks/huge_pages.py, 2 CPU cores) huge pages cut the training
     # read's forward 14.4 -> 11.4 ms and its backward 7.0 -> 5.4 ms. MADV_COLLAPSE (Linux 6.1+) moves the
     # written pages into huge ones once: 3.4 s there.
     if tensor.device.type != "cpu" or sys.platform != "linux" or not THP_SIZE_FILE.exists():
@@ -42,7 +46,8 @@ class MemoryBank:
                 f"and {tuple(labels.shape)}"
             )
         self.embeddings = embeddings.float().contiguous()
-        back_with_huge_pages(self.embeddings)
+        if self.embeddings.numel() * self.embeddings.element_size() >= HUGE_PAGES_MIN_BYTES:
+            back_with_huge_pages(self.embeddings)
         self.labels = labels.long().to(embeddings.device)
         # The step at which each cell was last written: how stale a cell is, for staleness policies.
         self.last_written = torch.zeros(len(labels), dtype=torch.long, device=embeddings.device)

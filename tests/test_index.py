@@ -431,7 +431,7 @@ except ImportError as e:
 
 
 
-@pytest.mark.skipif(openmp_shared_with_torch() is None, reason="no faiss, or torch ships no libgomp to compare")
+@pytest.mark.skipif(openmp_shared_with_torch() is None, reason="no faiss, or no libgomp in torch to compare")
 def test_faiss_imported_before_torch_is_warned_of_and_torch_first_shares_one_openmp_runtime():
     code = "import {}; import sam_cls.index._faiss as f; print(f.openmp_shared_with_torch())"
     runs = {order: subprocess.run([sys.executable, "-W", "always", "-c", code.format(order)], check=False,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sam_cls.memory import MemoryBank, back_with_huge_pages
+from sam_cls.memory import HUGE_PAGES_MIN_BYTES, MemoryBank, back_with_huge_pages
 
 
 def test_write_is_a_normalised_momentum_update_of_only_the_batch_cells():
@@ -62,3 +62,11 @@ def test_a_collapsed_memory_keeps_its_values_in_huge_pages():
 def test_a_tensor_smaller_than_a_huge_page_is_left_alone():
     small = torch.ones(1000, 4)
     assert back_with_huge_pages(small) is False and small.sum().item() == 4000
+
+
+def test_a_memory_bank_from_the_size_threshold_on_lives_in_huge_pages():
+    if not back_with_huge_pages(torch.ones(32 << 18)):  # 32 MiB: can this kernel collapse at all?
+        pytest.skip("this kernel has no transparent huge pages to collapse into (Linux 6.1+ MADV_COLLAPSE)")
+    n = HUGE_PAGES_MIN_BYTES // (128 * 4)
+    bank = MemoryBank(torch.ones(n, 128), torch.zeros(n))
+    assert _huge_kib_at(bank.embeddings.data_ptr() + HUGE_PAGES_MIN_BYTES // 2) >= 2048

@@ -18,11 +18,12 @@ except ImportError:  # the torch exact back-end still works without faiss
 
 # torch loads its libgomp globally, so a faiss imported after it binds its OpenMP calls to that one runtime
 # and one pool of threads serves both. A faiss imported first keeps its own: two pools then contend for the
-# cores and each spin-waits on the other's, and the training step's torch work between searches slows down
-# (benchmarks/scaling.py at N=1e4 on 2 cores, ivfpq: 24.3 ms a step that way, 15 ms torch first).
+# cores and spin-wait against each other, and the torch work between searches slows down
+# (benchmarks/scaling.py --sizes 1e4, ivfpq, 2 cores, minutes apart: 24.3 and 24.6 ms a step that way, 18.2 to
+# 20.7 ms torch first).
 OPENMP_NOT_SHARED = (
-    "faiss was imported before torch, so each runs its own OpenMP thread pool and the two contend for the CPU "
-    "(a CPU training step is up to ~1.6x slower): import torch (or sam_cls) before faiss"
+    "faiss was imported before torch, so each runs its own OpenMP thread pool and the two contend for the "
+    "CPU (a CPU training step measured ~1.3x slower): import torch (or sam_cls) before faiss"
 )
 
 FAISS_MISSING = "faiss is not installed: pip install 'sam-cls[cpu]' (or 'sam-cls[gpu]' on a CUDA machine)"
@@ -35,7 +36,7 @@ _gpu_resources: dict[int, object] = {}
 
 
 def openmp_shared_with_torch() -> bool | None:
-    """Whether faiss's OpenMP calls reach torch's libgomp; None where that can't be told (no faiss, no libgomp)."""
+    """Whether faiss's OpenMP calls reach torch's libgomp; None where that can't be told (no faiss or libgomp)."""
     torch_gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"  # what Linux torch wheels ship
     if faiss is None or not torch_gomp.exists():
         return None
