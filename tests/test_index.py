@@ -430,7 +430,6 @@ except ImportError as e:
     )
 
 
-
 @pytest.mark.skipif(openmp_shared_with_torch() is None, reason="no faiss, or no libgomp in torch to compare")
 def test_faiss_imported_before_torch_is_warned_of_and_torch_first_shares_one_openmp_runtime():
     code = "import {}; import sam_cls.index._faiss as f; print(f.openmp_shared_with_torch())"
@@ -440,6 +439,7 @@ def test_faiss_imported_before_torch_is_warned_of_and_torch_first_shares_one_ope
     assert all(out.returncode == 0 for out in runs.values()), [out.stderr for out in runs.values()]
     assert runs["torch, faiss"].stdout.split() == ["True"] and OPENMP_NOT_SHARED not in runs["torch, faiss"].stderr
     assert runs["faiss, torch"].stdout.split() == ["False"] and OPENMP_NOT_SHARED in runs["faiss, torch"].stderr
+
 
 @cuda
 @pytest.mark.parametrize("kind", ["flat", "ivf", "torch", "hnsw"])

@@ -37,36 +37,55 @@ def test_shape_mismatch_is_a_clear_error():
         raise AssertionError("mismatched labels accepted")
 
 
-def _huge_kib_at(address: int) -> int:
-    """AnonHugePages of the mapping holding `address`, from /proc/self/smaps."""
-    kib, inside = 0, False
+def _mapping_of(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping holding `address` (VmFlags' "hg": huge pages advised)."""
+    fields: dict[str, str] = {}
+    inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and ":" not in head:  # a mapping's header line: "start-end perms ..."
+        head, _, rest = line.partition(" ")
+        if "-" in head and not head.endswith(":"):  # a mapping's header line: "start-end perms ..."
             lo, hi = (int(x, 16) for x in head.split("-"))
             inside = lo <= address < hi
-        elif inside and head == "AnonHugePages:":
-            kib = int(line.split()[1])
-    return kib
+        elif inside:
+            fields[head.rstrip(":")] = rest.strip()
+    return fields
+
+
+def _collapsed(address: int) -> bool:
+    """Advised for huge pages and backed by some: what back_with_huge_pages leaves, whatever the THP mode."""
+    fields = _mapping_of(address)
+    return "hg" in fields["VmFlags"].split() and int(fields["AnonHugePages"].split()[0]) >= 2048
+
+
+def _can_collapse() -> bool:
+    return back_with_huge_pages(torch.ones(HUGE_PAGES_MIN_BYTES // 4))  # its own mapping, as the bank's
+
+
+NO_COLLAPSE = "this kernel has no transparent huge pages to collapse into (Linux 6.1+ MADV_COLLAPSE)"
 
 
 def test_a_collapsed_memory_keeps_its_values_in_huge_pages():
-    cells = F.normalize(torch.randn(64 << 10, 128, generator=torch.Generator().manual_seed(0)), dim=1)  # 32 MiB
+    cells = F.normalize(torch.randn(HUGE_PAGES_MIN_BYTES // 512, 128, generator=torch.Generator().manual_seed(0)),
+                        dim=1)
     before = cells.clone()
+    assert not _collapsed(cells.data_ptr() + HUGE_PAGES_MIN_BYTES // 2)
     if not back_with_huge_pages(cells):
-        pytest.skip("this kernel has no transparent huge pages to collapse into (Linux 6.1+ MADV_COLLAPSE)")
+        pytest.skip(NO_COLLAPSE)
     assert torch.equal(cells, before)
-    assert _huge_kib_at(cells.data_ptr() + cells.numel() * 2) >= 2048  # its middle lies in a huge page
+    assert _collapsed(cells.data_ptr() + HUGE_PAGES_MIN_BYTES // 2)
 
 
-def test_a_tensor_smaller_than_a_huge_page_is_left_alone():
+def test_a_tensor_smaller_than_a_huge_page_or_not_contiguous_is_left_alone():
     small = torch.ones(1000, 4)
     assert back_with_huge_pages(small) is False and small.sum().item() == 4000
+    assert back_with_huge_pages(torch.zeros(1).expand(1 << 25)) is False  # 4 bytes, though it claims 128 MiB
 
 
-def test_a_memory_bank_from_the_size_threshold_on_lives_in_huge_pages():
-    if not back_with_huge_pages(torch.ones(32 << 18)):  # 32 MiB: can this kernel collapse at all?
-        pytest.skip("this kernel has no transparent huge pages to collapse into (Linux 6.1+ MADV_COLLAPSE)")
+def test_only_a_memory_bank_from_the_size_threshold_on_lives_in_huge_pages():
+    if not _can_collapse():
+        pytest.skip(NO_COLLAPSE)
     n = HUGE_PAGES_MIN_BYTES // (128 * 4)
-    bank = MemoryBank(torch.ones(n, 128), torch.zeros(n))
-    assert _huge_kib_at(bank.embeddings.data_ptr() + HUGE_PAGES_MIN_BYTES // 2) >= 2048
+    large = MemoryBank(torch.ones(n, 128), torch.zeros(n))
+    assert _collapsed(large.embeddings.data_ptr() + HUGE_PAGES_MIN_BYTES // 2)
+    small = MemoryBank(torch.ones(n // 4, 128), torch.zeros(n // 4))  # 16 MiB: under the threshold
+    assert "hg" not in _mapping_of(small.embeddings.data_ptr() + (8 << 20))["VmFlags"].split()  # its middle

@@ -22,8 +22,9 @@ except ImportError:  # the torch exact back-end still works without faiss
 # (benchmarks/scaling.py --sizes 1e4, ivfpq, 2 cores, minutes apart: 24.3 and 24.6 ms a step that way, 18.2 to
 # 20.7 ms torch first).
 OPENMP_NOT_SHARED = (
-    "faiss was imported before torch, so each runs its own OpenMP thread pool and the two contend for the "
-    "CPU (a CPU training step measured ~1.3x slower): import torch (or sam_cls) before faiss"
+    "faiss does not share torch's OpenMP runtime (usually because faiss was imported before torch), so two "
+    "thread pools contend for the CPU (a CPU training step measured ~1.25x slower): import torch (or sam_cls) "
+    "before faiss"
 )
 
 FAISS_MISSING = "faiss is not installed: pip install 'sam-cls[cpu]' (or 'sam-cls[gpu]' on a CUDA machine)"
@@ -42,9 +43,11 @@ def openmp_shared_with_torch() -> bool | None:
         return None
     gomp = ctypes.CDLL(str(torch_gomp))  # already loaded by torch: this is the same library, not a new copy
     before = faiss.omp_get_max_threads()
-    # Thread counts are one runtime's per-thread state: only a shared runtime sees faiss's change.
-    faiss.omp_set_num_threads(before + 1)
-    shared = gomp.omp_get_max_threads() == before + 1
+    # Thread counts are one runtime's per-thread state: only a shared runtime sees faiss's change. Lowering
+    # (from 2 on) can't hit a thread limit; the count is set back, for this calling thread, right after.
+    probe = before - 1 if before > 1 else 2
+    faiss.omp_set_num_threads(probe)
+    shared = gomp.omp_get_max_threads() == probe
     faiss.omp_set_num_threads(before)
     return shared
 
