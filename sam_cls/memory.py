@@ -23,14 +23,14 @@ def back_with_huge_pages(tensor: torch.Tensor) -> bool:
     # a page walk as well. At N=1e7 (5 GB; benchmarks/huge_pages.py, 2 CPU cores) huge pages cut the training
     # read's forward 14.4 -> 11.4 ms and its backward 7.0 -> 5.4 ms. MADV_COLLAPSE (Linux 6.1+) moves the
     # written pages into huge ones once: 3.4 s there.
-    # A non-contiguous view's numel * element_size is not the span it lives in: leave such tensors alone.
+    # A non-contiguous view's nbytes is not the span it lives in: leave such tensors alone.
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or sys.platform != "linux" \
             or not THP_SIZE_FILE.exists():
         return False
     page = int(THP_SIZE_FILE.read_text())
     start = tensor.data_ptr()
     # Only the whole huge pages inside the tensor: the edges may share pages with other allocations.
-    lo, hi = -(-start // page) * page, (start + tensor.numel() * tensor.element_size()) // page * page
+    lo, hi = -(-start // page) * page, (start + tensor.nbytes) // page * page
     if hi <= lo:
         return False
     madvise = ctypes.CDLL(None, use_errno=True).madvise
@@ -53,7 +53,7 @@ class MemoryBank:
         # Kept as given when it is float32 and contiguous (no copy), so the caller's tensor is the one advised;
         # the collapse blocks once (3.4 s for 1e7 cells in benchmarks/huge_pages.py).
         self.embeddings = embeddings.float().contiguous()
-        if self.embeddings.numel() * self.embeddings.element_size() >= HUGE_PAGES_MIN_BYTES:
+        if self.embeddings.nbytes >= HUGE_PAGES_MIN_BYTES:
             back_with_huge_pages(self.embeddings)
         self.labels = labels.long().to(embeddings.device)
         # The step at which each cell was last written: how stale a cell is, for staleness policies.
