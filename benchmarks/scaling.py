@@ -67,7 +67,7 @@ DEFAULT_SIZES = "1e4,1e5,1e6,1e7"
 BIG_N, BIG_KINDS, HNSW_MAX_N = 10**7, ("ivfpq",), 10**6
 BIG_KINDS_CUDA = ("ivfpq", "torch")  # on a GPU an exact scan of 1e7 cells takes tens of ms, not seconds
 # Resident bytes a cell for each index (RAM check only); doubled while the index is serialized for its size.
-INDEX_BYTES = {"flat": 4 * D, "torch": 4 * D, "ivf": 4 * D + 16, "hnsw": 4 * D + 320, "ivfpq": D + 80}
+INDEX_BYTES = {"flat": 4 * D, "torch": 4 * D, "ivf": D + 16, "hnsw": 4 * D + 320, "ivfpq": D + 80}
 QUICK_SYNTHETIC_TRAIN = 768  # --quick throughput: a few hundred 3x32x32 synthetic images (K=256 fits)
 
 

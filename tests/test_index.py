@@ -266,6 +266,13 @@ def test_recall_at_256_default_knobs(kind, clustered):
     assert stats["k"] == 256 and stats["n_queries"] == 256 and stats["search_ms"] > 0
 
 
+def test_a_cpu_ivf_index_keeps_one_byte_a_dimension(clustered):
+    x, _ = clustered
+    index = build_index(x, IndexParams(kind="ivf"), k=256)
+    assert faiss.extract_index_ivf(index.index).code_size == x.shape[1]  # 8-bit codes, not float32
+    assert index.factory.endswith(",SQ8")
+
+
 # -- files ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_load_round_trip(kind, small, tmp_path):

@@ -84,13 +84,23 @@ def test_dense_read_survives_a_chunk_holding_only_the_excluded_cell():
     torch.testing.assert_close(one_cell_chunks, dense_read(u, memory, labels, 4, 0.1, exclude_ids=own, chunk=64))
 
 
-def test_candidate_scores_in_chunks_equal_one_gather(monkeypatch):
-    u, memory, _ = make(b=5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_candidate_scores_are_the_gathered_products_in_search_order(dtype):
+    u, memory, _ = make(b=5, dtype=dtype)
+    # Unsorted ids with a repeat: the order a search returns, which the scores must keep.
     ids = torch.randint(0, len(memory), (5, 7), generator=torch.Generator().manual_seed(2))
+    ids[0] = torch.tensor([9, 3, 3, 0, len(memory) - 1, 5, 1])
     direct = (memory[ids] * u.detach().unsqueeze(1)).sum(-1)
-    # A buffer of two queries' cells: chunks of 2, 2 and a tail of 1.
-    monkeypatch.setattr(read, "GATHER_CHUNK_BYTES", 2 * 7 * memory.shape[1] * memory.element_size())
     torch.testing.assert_close(read.candidate_scores(u.detach(), ids, memory), direct)
+
+
+@pytest.mark.parametrize("bad", [-1, 10**6])
+def test_candidate_scores_refuse_ids_outside_the_memory(bad):
+    u, memory, _ = make(b=2)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    ids[1, 2] = bad
+    with pytest.raises(IndexError, match=f"cell ids must lie in \\[0, {len(memory)}\\)"):
+        read.candidate_scores(u.detach(), ids, memory)
 
 
 def test_sparse_read_backward_refuses_a_memory_written_since_its_forward():
