@@ -12,8 +12,8 @@ MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 THP_SIZE_FILE = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
 # Memories from this size on get huge pages. It is above glibc's largest mmap threshold (32 MiB), so the range
 # is the tensor's own mapping and the advice goes with it; a smaller one may sit in the malloc heap, whose
-# later allocations would inherit it. Below it the gathers gain little (huge_pages.py at 1e5 cells: 0.99x
-# forward, 0.92x backward).
+# later allocations would inherit it. Below it the reads gain little (huge_pages.py at 1e5 cells: 0.92x
+# forward, 0.93x backward).
 HUGE_PAGES_MIN_BYTES = 64 << 20
 
 
@@ -21,8 +21,8 @@ def back_with_huge_pages(tensor: torch.Tensor) -> bool:
     """Back a contiguous CPU tensor with transparent huge pages, in place; False where that did not happen."""
     # A read gathers K cells a query at random rows: once the memory outgrows the TLB's reach, each row costs
     # a page walk as well. At N=1e7 (5 GB; benchmarks/huge_pages.py, 2 CPU cores) huge pages cut the training
-    # read's forward 14.4 -> 11.4 ms and its backward 7.0 -> 5.4 ms. MADV_COLLAPSE (Linux 6.1+) moves the
-    # written pages into huge ones once: 3.4 s there.
+    # read's forward 9.9 -> 7.6 ms and its backward 5.0 -> 3.9 ms. MADV_COLLAPSE (Linux 6.1+) moves the
+    # written pages into huge ones once: 2.3 s there.
     # A non-contiguous view's nbytes is not the span it lives in: leave such tensors alone.
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or sys.platform != "linux" \
             or not THP_SIZE_FILE.exists():

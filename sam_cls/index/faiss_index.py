@@ -63,9 +63,10 @@ def factory_string(kind: str, n: int, d: int, k: int, params: IndexParams) -> st
     if kind == "ivf":
         # Candidates are ranked by 8-bit codes of each cell's residual to its centroid; the read scores
         # them from the float32 memory, so the codes choose the K cells and never set their weights. On
-        # CIFAR-10/conv1's trained memory (N=5e4, nlist 894, k=257, 2 CPU cores) a training search of 128
-        # queries right after the encoder's step took 5.4 ms against 7.1 ms with float32 lists, for the
-        # same recall@257 (0.777 at nprobe 19; 0.977 against 0.980 at nprobe 74), and a quarter the bytes.
+        # CIFAR-10/conv1's trained memory (N=5e4, nlist 894, k=257, 2 CPU cores; benchmarks/hot_path.py) a
+        # training search of 128 queries right after the encoder's step took 5.5 ms against 7.3 ms with
+        # float32 lists, recall@257 0.754 either way (nprobe 19); at nprobe 74, 10.1 against 14.5 ms for
+        # recall 0.968 against 0.970. The lists take a quarter the bytes.
         # An index bound for a faiss GPU keeps float32 lists (--fp16 halves them), the form measured there.
         return f"{ivf},Flat" if params.cuda and has_faiss_gpu() else f"{ivf},SQ8"
     if kind == "ivfpq":
@@ -170,7 +171,7 @@ class FaissIndex(MemoryIndex):
                 index.k_factor = REFINE_K_FACTOR
             # ivfpq's PQ codebooks are thousands of tiny k-means steps: barrier-bound, and 50x slower on 2
             # threads than on 1 when another process holds a core; one thread costs < 1 s. ivf's SQ8 ranges
-            # are one assignment pass and a min/max, which all threads share (0.08 s against 0.12 s at N=5e4).
+            # are one assignment pass and a min/max, which all threads share.
             with omp_threads(1) if kind == "ivfpq" else nullcontext():
                 index.train(x)
             _set_nprobe(ivf, params.nprobe or default_nprobe(n, ivf.nlist, k))
