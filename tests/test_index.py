@@ -252,7 +252,7 @@ def test_auto_chooses_and_says_why(small):
     assert choose_kind(1_000_000, 128, 256)[0] == "ivf"
     if not has_faiss_gpu():  # CUDA without the faiss GPU build: exact torch search takes the index's place
         assert choose_kind(1_000_000, 128, 256, device="cuda")[0] == "torch"
-    assert choose_kind(10_000_000_000, 128, 10)[0] == "ivfpq"
+    assert choose_kind(2_999_999, 128, 256)[0] == "ivf" and choose_kind(3_000_000, 128, 256)[0] == "ivfpq"
 
 
 # -- recall at the defaults -----------------------------------------------------------------------------

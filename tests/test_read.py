@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +114,18 @@ def test_sparse_read_backward_refuses_a_memory_written_since_its_forward():
     bank.write(ids[:, 0], u, 0.5, step=1)  # the gradient would use cells the forward never saw
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         log_probs.sum().backward()
+
+
+def test_reads_leave_other_warnings_shown_once():
+    # Filtering warnings around each read would reset Python's "shown once" records, so a warning that a
+    # training step raises each time would print every step instead of once.
+    script = (
+        "import warnings, torch\n"
+        "from sam_cls.read import candidate_scores\n"
+        "memory, u = torch.randn(10, 4), torch.randn(2, 4)\n"
+        "for _ in range(3):\n"
+        "    candidate_scores(u, torch.randint(0, 10, (2, 3)), memory)\n"
+        "    warnings.warn('a step warning')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stderr.count("a step warning") == 1, result.stderr

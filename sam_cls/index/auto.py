@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,19 +18,12 @@ from .torch_exact import TorchExactIndex
 # Up to here exact search is cheap on a CPU and needs no training. Beyond, IVF wins: at N=6e4, d=128,
 # 256 queries, k=257 on 2 cores, Flat took 123 ms and IVF (default nprobe, recall ~0.99) 25 ms.
 FLAT_MAX_CELLS = 20_000
-# Raw float32 cells above this share of RAM (and above this many bytes) go to compressed ivfpq codes.
-IVFPQ_RAM_SHARE = 0.25
-IVFPQ_MIN_BYTES = 8 << 30
+# From here on a CPU memory gets ivfpq: with lists of ~sqrt(N)/4 cells, its 4-bit fast-scan and short SQ8
+# re-rank beat ivf's scan of 8-bit codes (benchmarks/scaling.py, ms a training step at K=256: IVF_PQ_SPEEDS).
+# Both keep the float32 memory beside the index, so memory size no longer decides between them.
+IVFPQ_MIN_CELLS = 3_000_000
 # Approximate search pays only when k is a small share of N: IVF/HNSW would otherwise scan most of it.
 APPROX_MIN_CELLS_PER_K = 64
-
-
-def _ram_bytes() -> int:
-    """Physical memory of this machine, or 0 where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def choose_kind(n: int, d: int, k: int, device: str = "cpu") -> tuple[str, str]:
@@ -50,9 +42,8 @@ def choose_kind(n: int, d: int, k: int, device: str = "cpu") -> tuple[str, str]:
         return "torch", "faiss is not installed: exact torch search"
     if n <= FLAT_MAX_CELLS or n < APPROX_MIN_CELLS_PER_K * k:
         return "flat", f"N={n} <= {FLAT_MAX_CELLS} (or k={k} is large for N): exact search is cheap"
-    limit = max(IVFPQ_MIN_BYTES, int(IVFPQ_RAM_SHARE * _ram_bytes()))
-    if raw > limit:
-        return "ivfpq", f"raw cells take {raw / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB: compressed PQ codes"
+    if n >= IVFPQ_MIN_CELLS:
+        return "ivfpq", f"N={n} >= {IVFPQ_MIN_CELLS}: long inverted lists, scanned fastest as 4-bit PQ codes"
     return "ivf", f"N={n} > {FLAT_MAX_CELLS} cells: inverted lists instead of a full scan"
 
 
