@@ -56,9 +56,10 @@ def factory_string(kind: str, n: int, d: int, k: int, params: IndexParams) -> st
             f"nlist={nlist} is more than the {n} cells to index: lower nlist (default {default_nlist(n)})"
         )
     ivf = f"IVF{nlist}"
+    on_faiss_gpu = kind == "ivf" and params.cuda and has_faiss_gpu()  # the one kind faiss-gpu holds here
     # Many lists: find a query's nearest centroids by HNSW, not a scan of all of them. A faiss GPU index
     # scans its centroids fast and wants a flat quantizer, so an ivf index bound for one (faiss-gpu) keeps it.
-    if nlist >= HNSW_QUANTIZER_MIN_NLIST and not (kind == "ivf" and params.cuda and has_faiss_gpu()):
+    if nlist >= HNSW_QUANTIZER_MIN_NLIST and not on_faiss_gpu:
         ivf += f"_HNSW{HNSW_M}"
     if kind == "ivf":
         # Candidates are ranked by 8-bit codes of each cell's residual to its centroid; the read scores
@@ -68,7 +69,7 @@ def factory_string(kind: str, n: int, d: int, k: int, params: IndexParams) -> st
         # float32 lists, recall@257 0.754 either way (nprobe 19); at nprobe 74, 10.1 against 14.5 ms for
         # recall 0.968 against 0.970. The lists take a quarter the bytes.
         # An index bound for a faiss GPU keeps float32 lists (--fp16 halves them), the form measured there.
-        return f"{ivf},Flat" if params.cuda and has_faiss_gpu() else f"{ivf},SQ8"
+        return f"{ivf},Flat" if on_faiss_gpu else f"{ivf},SQ8"
     if kind == "ivfpq":
         m = params.pq_m or default_pq_m(d)
         if d % m:
