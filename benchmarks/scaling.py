@@ -167,7 +167,9 @@ def sparse_row(bank: MemoryBank, kind: str, batches: tuple, repeats: int, seed: 
     start = time.perf_counter()
     # The refresher is what a training step searches through: it sets the shallower training depth (IVF).
     params = IndexParams(kind=kind, nlist=nlist, device=bank.embeddings.device.type)
-    refresher = IndexRefresher(bank.embeddings, params, k=K + 1, rebuild_every=None, seed=seed, recall_sample=0)
+    # reorder: as a trainer's, an IVF index lays the memory out list by list (MemoryBank.reorder).
+    refresher = IndexRefresher(bank.embeddings, params, k=K + 1, rebuild_every=None, seed=seed, recall_sample=0,
+                               reorder=bank.reorder)
     index = refresher.index
     sync()
     build_s = time.perf_counter() - start
@@ -175,9 +177,10 @@ def sparse_row(bank: MemoryBank, kind: str, batches: tuple, repeats: int, seed: 
     def step(i: int) -> None:
         u = queries[i].clone().requires_grad_()
         _, ids = refresher.search(u.detach(), K + 1)  # K + 1 so that masking the query's own cell leaves K
+        own = bank.rows[idx[i]]  # idx names examples; the index's ids are the memory's rows
         log_probs = sparse_read(u, ids, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE,
-                                exclude=exclusion_mask(ids, idx[i]))
-        F.nll_loss(log_probs, bank.labels[idx[i]]).backward()
+                                exclude=exclusion_mask(ids, own))
+        F.nll_loss(log_probs, bank.labels[own]).backward()
         bank.write(idx[i], u, ETA, step=i)
 
     @torch.no_grad()
@@ -205,10 +208,10 @@ def dense_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
     reset_peaks()
 
     def step(i: int) -> None:
-        u = queries[i].clone().requires_grad_()
-        log_probs = dense_read(u, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE, exclude_ids=idx[i],
+        u, own = queries[i].clone().requires_grad_(), bank.rows[idx[i]]
+        log_probs = dense_read(u, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE, exclude_ids=own,
                                chunk=chunk)
-        F.nll_loss(log_probs, bank.labels[idx[i]]).backward()
+        F.nll_loss(log_probs, bank.labels[own]).backward()
         bank.write(idx[i], u.detach(), ETA, step=i)  # training writes the batch's cells in every read mode
 
     @torch.no_grad()
@@ -232,10 +235,10 @@ def support_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
         # randint, not the trainer's randperm(N)[:M]: an O(N) draw a step is not the method's cost
         support = torch.randint(bank.size, (m,), generator=gen).to(bank.embeddings.device)
         s = bank.embeddings[support].clone().requires_grad_()  # stands in for the M re-encoded images
-        u = queries[i].clone().requires_grad_()
-        scores = (u @ s.T / TEMPERATURE).masked_fill(support[None, :] == idx[i][:, None], float("-inf"))
+        u, own = queries[i].clone().requires_grad_(), bank.rows[idx[i]]
+        scores = (u @ s.T / TEMPERATURE).masked_fill(support[None, :] == own[:, None], float("-inf"))
         log_probs = class_log_probs(scores, bank.labels[support][None, :], NUM_CLASSES)
-        F.nll_loss(log_probs, bank.labels[idx[i]]).backward()
+        F.nll_loss(log_probs, bank.labels[own]).backward()
 
     return {"method": "support-sample", "index": None, "step_ms": median_ms(step, repeats), "build_s": None,
             "bytes_per_cell": None, "storage": f"no memory: re-encodes {m} support images a step",

@@ -182,13 +182,14 @@ class Trainer:
             s = self.encoder(self.batch(support))
             scores = (u @ s.T / cfg.temperature).masked_fill(support[None, :] == idx[:, None], float("-inf"))
             return class_log_probs(scores, self.train_y[support][None, :], C)
+        own = mem.rows[idx]  # the batch's own cells: the memory keeps them in its index's layout, not by example
         if cfg.topk == 0:
-            return dense_read(u, mem.embeddings, mem.labels, C, cfg.temperature, exclude_ids=idx)
+            return dense_read(u, mem.embeddings, mem.labels, C, cfg.temperature, exclude_ids=own)
         # K + 1 candidates so that dropping the query's own cell still leaves K.
         with record_function("search"):
             _, ids = self.refresher.search(u.detach(), cfg.topk + 1)
         ids = ids.to(self.device)
-        return sparse_read(u, ids, mem.embeddings, mem.labels, C, cfg.temperature, exclude=exclusion_mask(ids, idx))
+        return sparse_read(u, ids, mem.embeddings, mem.labels, C, cfg.temperature, exclude=exclusion_mask(ids, own))
 
     def diverged(self, value) -> TrainingError:
         cfg = self.cfg
@@ -279,7 +280,7 @@ class Trainer:
         self.refresher = IndexRefresher(self.memory.embeddings, index_params(cfg, self.device), k=max(cfg.topk, 1) + 1,
                                         rebuild_every=every, staleness_threshold=cfg.staleness_threshold,
                                         background=cfg.background_rebuild, log=self.log, seed=cfg.seed,
-                                        centroids=self.resume_centroids)
+                                        centroids=self.resume_centroids, reorder=self.memory.reorder)
         if cfg.train_nprobe and cfg.topk and self.refresher.train_nprobe is None:
             self.log(f"--train-nprobe {cfg.train_nprobe} applies to IVF indices only: the "
                      f"{self.refresher.index.kind} index searches in full")

@@ -465,3 +465,66 @@ def test_cuda_large_k_is_exact_not_truncated(small):
     index = build_index(x, IndexParams(kind="auto", device="cuda"), k=3000)
     ids = index.search(x[:4], 3000)[1]
     assert ids.shape == (4, 3000) and (ids >= 0).all()
+
+
+def _list_ids(index) -> list[torch.Tensor]:
+    """Each IVF list's ids, in storage order."""
+    il = faiss.extract_index_ivf(index.index).invlists
+    return [torch.from_numpy(faiss.rev_swig_ptr(il.get_ids(i), il.list_size(i)).copy())
+            for i in range(il.nlist)]
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_a_list_ordered_index_stores_each_list_as_one_run_of_ids(small, kind):
+    x, q = small
+    plain = build_index(x, IndexParams(kind=kind, nlist=20), k=10, seed=3)
+    ordered = build_index(x, IndexParams(kind=kind, nlist=20, list_order=True), k=10, seed=3)
+    assert plain.layout is None and torch.equal(torch.sort(ordered.layout).values, torch.arange(len(x)))
+    start = 0
+    for ids in _list_ids(ordered):  # list by list: ids 0.. in the first list, and so on
+        assert torch.equal(ids, torch.arange(start, start + len(ids)))
+        start += len(ids)
+    # Same lists as the plain index (same centroids): only the ids are renamed.
+    for a, b in zip(_list_ids(plain), _list_ids(ordered), strict=True):
+        assert torch.equal(torch.sort(a).values, torch.sort(ordered.layout[b]).values)
+    assert torch.equal(plain.centroids(), ordered.centroids())
+    # Refreshed from the cells in that layout, the index keeps it: a resumed run rebuilds the same index.
+    laid_out = x[ordered.layout]
+    ordered.refresh(laid_out)
+    assert torch.equal(ordered.layout, torch.arange(len(x)))
+    assert recall_at_k(ordered, laid_out, q, 10)["recall_at_k"] > 0.9  # id i is row i of the laid-out cells
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_refresher_lays_the_memory_out_as_its_index(small, background):
+    from sam_cls.memory import MemoryBank
+
+    x, q = small
+    bank = MemoryBank(x.clone(), torch.arange(len(x)) % 7)
+    refresher = IndexRefresher(bank.embeddings, IndexParams(kind="ivf", nlist=20), k=10, rebuild_every=1,
+                               retrain_every=1, background=background, seed=3, reorder=bank.reorder)
+
+    def check():
+        assert bank.embeddings.data_ptr() == refresher.memory.data_ptr()
+        assert torch.equal(bank.labels, bank.example_ids % 7)  # labels moved with their cells
+        start = 0
+        for ids in _list_ids(refresher.index):
+            assert torch.equal(ids, torch.arange(start, start + len(ids)))
+            start += len(ids)
+        # The index's ids are the memory's rows: a search finds the cells exact search over the memory finds.
+        assert recall_at_k(refresher.index, bank.embeddings, q, 10)["recall_at_k"] > 0.9
+
+    check()
+    torch.testing.assert_close(bank.embeddings, x[bank.example_ids])
+    first = bank.example_ids.clone()
+    drift(bank.embeddings, 0.3)
+    drifted = bank.embeddings[bank.rows].clone()  # by example
+    record, deadline = refresher.step(1), time.monotonic() + 30
+    while background and record is None and time.monotonic() < deadline:
+        record = refresher.step(2)
+        time.sleep(0.01)
+    refresher.close()
+    assert record is not None and record["retrained"]
+    check()
+    assert not torch.equal(bank.example_ids, first)  # new centroids, new lists: the rows moved again
+    torch.testing.assert_close(bank.embeddings, drifted[bank.example_ids])

@@ -89,3 +89,41 @@ def test_only_a_memory_bank_from_the_size_threshold_on_lives_in_huge_pages():
     assert _collapsed(large.embeddings.data_ptr() + HUGE_PAGES_MIN_BYTES // 2)
     small = MemoryBank(torch.ones(n // 4, 128), torch.zeros(n // 4))  # 16 MiB: under the threshold
     assert "hg" not in _mapping_of(small.embeddings.data_ptr() + (8 << 20))["VmFlags"].split()  # its middle
+
+
+def test_reorder_moves_whole_cells_and_writes_still_find_their_example():
+    g = torch.Generator().manual_seed(1)
+    emb = F.normalize(torch.randn(6, 4, generator=g), dim=1)
+    targets = torch.tensor([0, 1, 2, 0, 1, 2])
+    bank = MemoryBank(emb.clone(), targets)
+    view = bank.embeddings
+    bank.write(torch.tensor([4]), emb[4:5], eta=0.5, step=3)
+    order = torch.tensor([5, 3, 1, 0, 4, 2])
+    bank.reorder(order)
+    assert view.data_ptr() == bank.embeddings.data_ptr()  # moved in place: an index's view stays valid
+    torch.testing.assert_close(bank.embeddings, emb[order])
+    assert bank.labels.tolist() == targets[order].tolist() and targets.tolist() == [0, 1, 2, 0, 1, 2]
+    assert bank.example_ids.tolist() == order.tolist() and bank.last_written.tolist() == [0, 0, 0, 0, 3, 0]
+    assert torch.equal(bank.example_ids[bank.rows], torch.arange(6))
+    # Writes name examples: example 1's cell now sits in row 2.
+    u = F.normalize(torch.randn(1, 4, generator=g), dim=1)
+    bank.write(torch.tensor([1]), u, eta=0.0, step=4)
+    torch.testing.assert_close(bank.embeddings[2], u[0])
+    # A re-encoded memory arrives in example order and lands in the rows its examples now have.
+    bank.replace(emb, step=5)
+    torch.testing.assert_close(bank.embeddings, emb[order])
+
+
+def test_reordered_memory_survives_a_checkpoint_and_a_corrupt_order_is_refused():
+    from sam_cls.checkpoint import CheckpointError
+
+    bank = MemoryBank(torch.randn(5, 3), torch.arange(5))
+    bank.reorder(torch.tensor([2, 0, 4, 1, 3]))
+    again = MemoryBank.from_state_dict(bank.state_dict())
+    for name in ("embeddings", "labels", "example_ids", "rows"):
+        assert torch.equal(getattr(again, name), getattr(bank, name)), name
+    state = bank.state_dict() | {"example_ids": torch.tensor([0, 0, 1, 2, 3])}
+    with pytest.raises(CheckpointError, match="example_ids"):
+        MemoryBank.from_state_dict(state)
+    old = {k: v for k, v in bank.state_dict().items() if k != "example_ids"}  # before layouts existed
+    assert torch.equal(MemoryBank.from_state_dict(old).rows, torch.arange(5))

@@ -42,19 +42,24 @@ def test_other_read_modes_train(tmp_path, mode):
     assert record["index_rebuilds"] == (1 + 10 // 3 if mode.get("rebuild_every") else 1)
 
 
-def test_training_read_excludes_the_query_and_matches_the_dense_read(tmp_path):
-    # With a flat index and K = N - 2, the sparse read sees every cell but the query's own and its farthest.
-    trainer = Trainer(config(tmp_path, synthetic_train=120, topk=118, index="flat"), log=quiet)
+@pytest.mark.parametrize("index", [{"index": "flat"}, {"index": "ivf", "nprobe": 3, "train_nprobe": 3}])
+def test_training_read_excludes_the_query_and_matches_the_dense_read(tmp_path, index):
+    # With K = N - 2 from a flat index, or all 3 lists of an IVF one, the sparse read sees every cell but the
+    # query's own and its farthest. The IVF index lays the memory out list by list, so the own cells are
+    # found through the memory's rows, not the examples' numbers.
+    trainer = Trainer(config(tmp_path, synthetic_train=120, topk=118, **index), log=quiet)
     trainer.prepare()
     idx = torch.arange(8)
     u = trainer.encoder(trainer.batch(idx)).detach()
     mem = trainer.memory
     # Each query's own cell becomes its perfect match under a wrong label: read, it would dominate at a low
     # temperature and move probability to that label.
-    mem.embeddings[idx] = u
-    mem.labels[idx] = (mem.labels[idx] + 1) % 5
+    own = mem.rows[idx]
+    mem.embeddings[own] = u
+    mem.labels[own] = (mem.labels[own] + 1) % 5
     trainer.cfg.temperature = 0.01
     trainer.refresher.rebuild("test")
+    assert index["index"] == "flat" or not torch.equal(mem.rows, torch.arange(120))
     sparse = trainer.log_probs(u, idx)
     trainer.cfg.topk = 0
     dense = trainer.log_probs(u, idx)

@@ -21,6 +21,9 @@ class MemoryIndex(ABC):
     # True where a search of non-finite queries returns (meaningless) ids instead of failing, so a trainer
     # on a GPU need not stall it every step to check its queries first.
     searches_non_finite: bool = False
+    # After a build or refresh with params.list_order: id i is row layout[i] of the vectors given, so the
+    # memory must apply the same order (MemoryBank.reorder). None: ids are the vectors' own rows.
+    layout: torch.Tensor | None = None
 
     @property
     @abstractmethod

@@ -58,6 +58,9 @@ class IndexParams:
     hnsw_m: int | None = None  # HNSW graph degree
     ef_search: int | None = None  # HNSW search beam, must be >= k
     fp16: bool = False  # float16 storage on a faiss GPU index
+    # CPU IVF kinds: add the cells list by list, so ids run through each list in turn; the index's `layout`
+    # says which input row each id is, and the memory must move its rows to match (MemoryBank.reorder).
+    list_order: bool = False
     device: str = "cpu"  # torch device string: "cpu", "cuda", "cuda:1"
 
     def __post_init__(self):

@@ -30,6 +30,8 @@ class IndexRefresher:
     recall below the floor), and `centroids` (from a checkpoint) make the first IVF index with no k-means.
     background=True builds the next index in a worker thread from a snapshot of the memory while searches
     use the current one, and swaps at the first step() after it is done.
+    reorder (MemoryBank.reorder) lets a CPU IVF index lay the cells out list by list: each build that does
+    calls it with the new row order, and the memory tensor given here must be the one it moves.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class IndexRefresher:
         recall_sample: int = 256,
         staleness_sample: int = 1024,
         centroids: torch.Tensor | None = None,
+        reorder: Callable[[torch.Tensor], None] | None = None,
     ):
         if rebuild_every not in ("auto", None) and not (isinstance(rebuild_every, int) and rebuild_every >= 1):
             raise ValueError(
@@ -58,6 +61,7 @@ class IndexRefresher:
         self.retrain_every, self.background = retrain_every, background
         self.recall_sample, self.staleness_sample = recall_sample, staleness_sample
         self.log = log or (lambda line: None)
+        self.reorder = reorder
         self.rebuilds = 0
         self.history: list[dict] = []  # every rebuild record, oldest first
         self._steps_since = 0  # steps since the memory was last snapshotted for an index
@@ -71,8 +75,10 @@ class IndexRefresher:
         start = time.perf_counter()
         snapshot = memory.detach()
         self._draw_samples(snapshot.shape[0])
+        params = replace(params, list_order=reorder is not None)
         self.index: MemoryIndex = build_index(snapshot, params, k, log=self.log, seed=seed, centroids=centroids,
                                               kmeans_iterations=0)
+        self._lay_out(self.index)  # snapshot is a view of the memory: it moves too
         # Resolved kind and knobs, so later builds neither re-run "auto" nor change nprobe / efSearch.
         self.params = (
             self.index.params if isinstance(self.index, FaissIndex) else replace(params, kind="torch")
@@ -125,7 +131,7 @@ class IndexRefresher:
         return recall is not None and recall < RECALL_FLOOR and self.index.kind in IVF_KINDS
 
     def staleness(self) -> float:
-        """Mean cosine drift (1 - cos) of a fixed cell sample between its indexed and current values."""
+        """Mean cosine drift (1 - cos) of a fixed sample of rows between their indexed and current values."""
         current = self.memory.detach()[self._sample_ids].float()
         # clamp: rounding can put cos a hair above 1 for unchanged cells
         return float((1.0 - F.cosine_similarity(current, self._indexed_sample, dim=1)).clamp_min(0).mean())
@@ -179,7 +185,11 @@ class IndexRefresher:
 
     # -- building -------------------------------------------------------------------------------------
     def _samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed, seeded cells for staleness and for recall queries: same seed, same cells, on any device."""
+        """Fixed, seeded rows for staleness and for recall queries: same seed, same rows, on any device.
+
+        A layout change moves other cells into those rows; each rebuild re-reads the sample from the memory
+        as laid out then, so staleness always compares a row with what the index holds for it.
+        """
         gen = torch.Generator().manual_seed(self.seed)
         staleness_ids = torch.randperm(n, generator=gen)[: self.staleness_sample]
         recall_ids = torch.randperm(n, generator=gen)[: self.recall_sample]
@@ -209,6 +219,7 @@ class IndexRefresher:
             self.index = build_index(snapshot, self.params, self.k, seed=self.seed, centroids=self._warm_start())
         else:  # in place: keeps IVF training, and no second copy of the cells
             self.index.refresh(snapshot)
+        self._lay_out(self.index)  # snapshot is a view of the memory: it moves too
         self._steps_since = 0
         recall = self._recall(self.index, snapshot)
         job = {"snapshot": snapshot, "reason": reason, "before": before, "retrained": retrained, "step": step}
@@ -239,7 +250,9 @@ class IndexRefresher:
                     index = FaissIndex.build(snapshot, kind, params, k, seed=seed, place=False, centroids=centroids)
                 else:
                     index = make(snapshot)
-                self._built = (index, self._recall(index, snapshot), time.perf_counter() - start)
+                # This thread's own copy, laid out as the new index is; the memory follows at the swap.
+                ordered = snapshot if index.layout is None else snapshot[index.layout]
+                self._built = (index, self._recall(index, ordered), time.perf_counter() - start, ordered)
             except Exception as e:  # noqa: BLE001 -- kept and re-raised in the training thread by _collect
                 self._error = e
 
@@ -255,10 +268,18 @@ class IndexRefresher:
         self._worker = self._built = self._error = self._job = None
         if error is not None:
             raise RuntimeError(f"background index rebuild failed: {error}") from error
-        index, recall, seconds = built
+        index, recall, seconds, job["snapshot"] = built
         index.place()  # GPU placement happens here, in the searching thread that owns the GPU resources
+        # Rows written since the snapshot move with the rest, so the new index's ids find them too.
+        self._lay_out(index)
         self.index = index
         return self._install(job, recall, seconds, background=True)
+
+    def _lay_out(self, index: MemoryIndex) -> None:
+        """Move the memory's rows to the order the index was just filled in, where it chose one."""
+        if index.layout is not None:
+            self.reorder(index.layout)
+            index.layout = None  # applied: a later call must not move the rows again
 
     def _install(self, job: dict, recall: float | None, seconds: float, background: bool) -> dict:
         """Book-keeping after a rebuild: the indexed sample, retrain schedule, record and log line."""
