@@ -56,6 +56,7 @@ def main() -> None:
     encoder.train()  # the mode a training step encodes its queries in
     with torch.no_grad():
         u = torch.cat([encoder(x[i : i + batch]) for i in range(0, len(x), batch)])
+    own = memory.rows[own]  # from here on the queries' own cells: rows of the memory, as the index's ids are
     labels = memory.labels[own]
 
     def read(ids: torch.Tensor) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch  # first: faiss imported after it shares torch's OpenMP runtime (sam_cls/index/_faiss.py)
@@ -45,7 +46,8 @@ def compare(trainer: Trainer, centroids: torch.Tensor, warm_iterations: list[int
     starts = [("cold", None, 0)] + [(f"warm{i}", centroids, i) for i in warm_iterations]
     for name, start, iterations in starts:
         index, build_ms = timed_ms(lambda start=start, iterations=iterations: build_index(
-            memory, refresher.params, refresher.k, seed=trainer.cfg.seed, centroids=start,
+            # No list layout: these indices are measured against the memory as it is, not moved to match.
+            memory, replace(refresher.params, list_order=False), refresher.k, seed=trainer.cfg.seed, centroids=start,
             kmeans_iterations=iterations), BUILDS)
 
         def training_searches(index=index) -> None:

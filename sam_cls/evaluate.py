@@ -28,7 +28,7 @@ def encode_all(encoder: Encoder, images: torch.Tensor, batch_size: int, desc: st
 
 @torch.no_grad()
 def classify(u: torch.Tensor, memory: MemoryBank, index, topk: int, num_classes: int, temperature: float):
-    """Class log-probabilities and the ids of the cells read (None for the dense read)."""
+    """Class log-probabilities and the memory rows read (None for the dense read); examples: memory.example_ids[rows]."""
     if topk == 0 or index is None:
         return dense_read(u, memory.embeddings, memory.labels, num_classes, temperature), None
     _, ids = index.search(u, topk)

@@ -280,7 +280,9 @@ class Trainer:
         self.refresher = IndexRefresher(self.memory.embeddings, index_params(cfg, self.device), k=max(cfg.topk, 1) + 1,
                                         rebuild_every=every, staleness_threshold=cfg.staleness_threshold,
                                         background=cfg.background_rebuild, log=self.log, seed=cfg.seed,
-                                        centroids=self.resume_centroids, reorder=self.memory.reorder)
+                                        centroids=self.resume_centroids,
+                                        # The layout serves sparse reads; a dense or softmax run never makes one.
+                                        reorder=self.memory.reorder if cfg.topk and cfg.head == "memory" else None)
         if cfg.train_nprobe and cfg.topk and self.refresher.train_nprobe is None:
             self.log(f"--train-nprobe {cfg.train_nprobe} applies to IVF indices only: the "
                      f"{self.refresher.index.kind} index searches in full")

@@ -528,3 +528,21 @@ def test_refresher_lays_the_memory_out_as_its_index(small, background):
     check()
     assert not torch.equal(bank.example_ids, first)  # new centroids, new lists: the rows moved again
     torch.testing.assert_close(bank.embeddings, drifted[bank.example_ids])
+
+
+def test_a_list_ordered_build_assigns_lists_with_the_beam_faiss_adds_with(small, monkeypatch):
+    from sam_cls.index import faiss_index
+
+    x, _ = small
+    monkeypatch.setattr(faiss_index, "HNSW_QUANTIZER_MIN_NLIST", 16)  # an HNSW coarse quantizer at 20 lists
+    beams, real = [], faiss_index._list_layout
+
+    def record(ivf, vectors):
+        beams.append(faiss.downcast_index(ivf.quantizer).hnsw.efSearch)
+        return real(ivf, vectors)
+
+    monkeypatch.setattr(faiss_index, "_list_layout", record)
+    index = build_index(x, IndexParams(kind="ivfpq", nlist=20, list_order=True), k=10, seed=3)
+    assert "HNSW" in index.factory
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index.index).quantizer)
+    assert beams == [quantizer.hnsw.efSearch] and beams[0] > 16  # not faiss's default 16

@@ -171,6 +171,9 @@ class FaissIndex(MemoryIndex):
             if kind == "ivfpq":
                 ivf.pq.cp.seed = seed
                 index.k_factor = REFINE_K_FACTOR
+            # Search knobs first: an HNSW quantizer's beam also decides the lists the layout assigns below,
+            # and it must be the beam faiss's own add would use.
+            _set_nprobe(ivf, params.nprobe or default_nprobe(n, ivf.nlist, k))
             layout = lists = None
             if params.list_order and not params.cuda:
                 # Trained in the layout it is filled in: a rebuild from the memory laid out this way (a resumed
@@ -182,7 +185,6 @@ class FaissIndex(MemoryIndex):
             # are one assignment pass and a min/max, which all threads share.
             with omp_threads(1) if kind == "ivfpq" else nullcontext():
                 index.train(x)
-            _set_nprobe(ivf, params.nprobe or default_nprobe(n, ivf.nlist, k))
         elif kind == "hnsw":
             index.hnsw.efSearch = params.ef_search or default_ef_search(k)
             if index.hnsw.efSearch < k:

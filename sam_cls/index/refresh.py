@@ -250,9 +250,9 @@ class IndexRefresher:
                     index = FaissIndex.build(snapshot, kind, params, k, seed=seed, place=False, centroids=centroids)
                 else:
                     index = make(snapshot)
-                # This thread's own copy, laid out as the new index is; the memory follows at the swap.
-                ordered = snapshot if index.layout is None else snapshot[index.layout]
-                self._built = (index, self._recall(index, ordered), time.perf_counter() - start, ordered)
+                if index.layout is not None:  # this thread's own copy, laid out now; the memory at the swap
+                    snapshot.copy_(snapshot.index_select(0, index.layout))
+                self._built = (index, self._recall(index, snapshot), time.perf_counter() - start)
             except Exception as e:  # noqa: BLE001 -- kept and re-raised in the training thread by _collect
                 self._error = e
 
@@ -268,7 +268,7 @@ class IndexRefresher:
         self._worker = self._built = self._error = self._job = None
         if error is not None:
             raise RuntimeError(f"background index rebuild failed: {error}") from error
-        index, recall, seconds, job["snapshot"] = built
+        index, recall, seconds = built
         index.place()  # GPU placement happens here, in the searching thread that owns the GPU resources
         # Rows written since the snapshot move with the rest, so the new index's ids find them too.
         self._lay_out(index)
