@@ -10,7 +10,7 @@ Per N two identical clustered memories (benchmarks/scaling.py's synthetic cells 
 `--index auto` picks there, one built with the list-by-list layout and one without; the scaling benchmark's
 step (training search, sparse_read forward and backward, write) is timed on each, alternating step by step
 so both see the same machine. Medians of each part; ratio = laid out / example order. recall@K+1 of each
-training search against exact search over its own memory shows both read equally good candidates.
+training search against exact search over its own memory shows whether both find equally good candidates.
 Writes results/list_layout.json.
 """
 
