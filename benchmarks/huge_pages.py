@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from machine import available_ram, proc_kib, write_report
+from machine import proc_kib, sizes_that_fit, write_report
 
 from sam_cls.memory import back_with_huge_pages
 from sam_cls.read import exclusion_mask, sparse_read
@@ -90,11 +90,8 @@ def main() -> None:
     rows, skipped = [], []
     print(f"{'n_cells':>9} {'collapse_s':>10} {'fwd_4k':>8} {'fwd_huge':>8} {'ratio':>6} {'bwd_4k':>8} "
           f"{'bwd_huge':>8} {'ratio':>6}")
-    for n in (int(float(x)) for x in args.sizes.split(",")):
-        if (need := 2 * n * 4 * D + (2 << 30)) > available_ram():  # two memories and the fill's temporaries
-            skipped.append({"n_cells": n, "why": f"needs ~{need / 2**30:.1f} GiB"})
-            print(f"{n:>9} skipped: needs ~{need / 2**30:.1f} GiB")
-            continue
+    # Two memories and the fill's temporaries.
+    for n in sizes_that_fit(args.sizes, lambda n: 2 * n * 4 * D + (2 << 30), skipped):
         row = compare(n, args.seed)
         rows.append(row)
         print(f"{n:>9} {row['collapse_s']:>10.2f} {row['forward_ms_4k']:>8.2f} {row['forward_ms_huge']:>8.2f} "

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from faiss.contrib.evaluation import knn_intersection_measure
-from machine import available_ram, write_report
+from machine import sizes_that_fit, write_report
 from scaling import ETA, INDEX_BYTES, NUM_CLASSES, TEMPERATURE, B, D, K, make_bank, make_batches
 
 from sam_cls.index import IndexParams, IndexRefresher, choose_kind, exact_search
@@ -100,12 +100,8 @@ def main() -> None:
     rows, skipped = [], []
     print(f"{'n_cells':>9} {'kind':>6} {'step_ex':>8} {'step_list':>9} {'ratio':>6} {'search':>13} {'read':>13} "
           f"{'recall ex/list':>15}")
-    for n in (int(float(x)) for x in args.sizes.split(",")):
-        # Two memories and indices, and one memory-sized copy while a layout is applied.
-        if (need := n * (3 * 4 * D + 2 * INDEX_BYTES["ivfpq"]) + (1 << 30)) > available_ram():
-            skipped.append({"n_cells": n, "why": f"needs ~{need / 2**30:.1f} GiB"})
-            print(f"{n:>9} skipped: needs ~{need / 2**30:.1f} GiB")
-            continue
+    # Two memories and indices, and one memory-sized copy while a layout is applied.
+    for n in sizes_that_fit(args.sizes, lambda n: n * (3 * 4 * D + 2 * INDEX_BYTES["ivfpq"]) + (1 << 30), skipped):
         row = compare(n, args.seed)
         gc.collect()
         rows.append(row)

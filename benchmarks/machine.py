@@ -5,6 +5,7 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch  # first: faiss imported after it shares torch's OpenMP runtime (sam_cls/index/_faiss.py)
@@ -27,6 +28,16 @@ def available_ram() -> int:
     """Bytes the kernel could hand out now: MemAvailable counts reclaimable page cache, which free RAM does not."""
     kib = proc_kib("/proc/meminfo", "MemAvailable")
     return kib * 1024 if kib is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def sizes_that_fit(sizes: str, need: Callable[[int], int], skipped: list[dict]) -> Iterator[int]:
+    """Each N of a comma-separated list whose need(N) bytes fit in RAM now; the others go to `skipped`."""
+    for n in (int(float(x)) for x in sizes.split(",")):
+        if (bytes_needed := need(n)) > available_ram():
+            skipped.append({"n_cells": n, "why": f"needs ~{bytes_needed / 2**30:.1f} GiB"})
+            print(f"{n:>9} skipped: needs ~{bytes_needed / 2**30:.1f} GiB")
+            continue
+        yield n
 
 
 def describe() -> dict:

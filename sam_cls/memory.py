@@ -66,7 +66,8 @@ class MemoryBank:
         # The step at which each cell was last written: how stale a cell is, for staleness policies.
         self.last_written = torch.zeros(len(labels), dtype=torch.long, device=embeddings.device)
         self.example_ids = torch.arange(len(labels), device=embeddings.device)
-        self.rows = self.example_ids.clone()
+        self.rows = torch.empty_like(self.example_ids)
+        self._index_rows()
 
     @property
     def size(self) -> int:
@@ -106,7 +107,11 @@ class MemoryBank:
         self.embeddings.copy_(self.embeddings.index_select(0, order))
         for tensor in (self.labels, self.last_written, self.example_ids):
             tensor.copy_(tensor.index_select(0, order))
-        self.rows[self.example_ids] = torch.arange(self.size, device=order.device)
+        self._index_rows()
+
+    def _index_rows(self) -> None:
+        """rows, the inverse of example_ids: a write or an exclusion maps a batch of examples in one gather."""
+        self.rows[self.example_ids] = torch.arange(self.size, device=self.example_ids.device)
 
     def state_dict(self) -> dict:
         return {"embeddings": self.embeddings, "labels": self.labels, "last_written": self.last_written,
@@ -122,7 +127,7 @@ class MemoryBank:
             if example_ids.shape != (bank.size,) or not torch.equal(
                     torch.sort(example_ids).values, torch.arange(bank.size, device=example_ids.device)):
                 raise CheckpointError(f"memory example_ids must order the {bank.size} cells' examples, each once: "
-                                 f"the checkpoint is corrupt")
+                                      f"the checkpoint is corrupt")
             bank.example_ids = example_ids
-            bank.rows[example_ids] = torch.arange(bank.size, device=example_ids.device)
+            bank._index_rows()
         return bank

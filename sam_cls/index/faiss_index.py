@@ -174,12 +174,9 @@ class FaissIndex(MemoryIndex):
             # Search knobs first: an HNSW quantizer's beam also decides the lists the layout assigns below,
             # and it must be the beam faiss's own add would use.
             _set_nprobe(ivf, params.nprobe or default_nprobe(n, ivf.nlist, k))
-            layout = lists = None
-            if params.list_order and not params.cuda:
-                # Trained in the layout it is filled in: a rebuild from the memory laid out this way (a resumed
-                # run's) then draws the same training sample and repeats this index exactly.
-                layout, lists = _list_layout(ivf, x)
-                x = x[layout]
+            # Trained in the layout it is filled in: a rebuild from the memory laid out this way (a resumed
+            # run's) then draws the same training sample and repeats this index exactly.
+            x, layout, lists = _list_layout(ivf, x) if params.lays_out_lists else (x, None, None)
             # ivfpq's PQ codebooks are thousands of tiny k-means steps: barrier-bound, and 50x slower on 2
             # threads than on 1 when another process holds a core; one thread costs < 1 s. ivf's SQ8 ranges
             # are one assignment pass and a min/max, which all threads share.
@@ -296,9 +293,8 @@ class FaissIndex(MemoryIndex):
         """Empty the index and re-add: IVF kinds keep their trained coarse quantizer and codebooks."""
         x = check_vectors(vectors)
         self.index.reset()
-        if self.kind in IVF_KINDS and self.params.list_order and not self.params.cuda:
-            layout, lists = _list_layout(self.faiss.extract_index_ivf(self.index), x.cpu())
-            self._fill(x.cpu()[layout], layout, lists)
+        if self.kind in IVF_KINDS and self.params.lays_out_lists:
+            self._fill(*_list_layout(self.faiss.extract_index_ivf(self.index), x.cpu()))
         else:
             self.layout = None
             self.add(x)
@@ -419,11 +415,11 @@ class FaissIndex(MemoryIndex):
         self.description = f"faiss {self.factory} inner-product{knobs} ({where})"
 
 
-def _list_layout(ivf, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layout, lists): the rows of x list by list (stable, so rows already in order stay put), and their lists."""
+def _list_layout(ivf, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x[layout], layout, lists): the rows of x list by list (stable: rows in order stay put), and their lists."""
     _, lists = ivf.quantizer.search(x, 1)  # each cell's list, as faiss's own add would assign it
     layout = torch.sort(lists[:, 0], stable=True).indices
-    return layout, lists[layout, 0].contiguous()
+    return x[layout], layout, lists[layout, 0].contiguous()
 
 
 def _hnsw_quantizer(ivf):

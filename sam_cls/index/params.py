@@ -63,6 +63,11 @@ class IndexParams:
     list_order: bool = False
     device: str = "cpu"  # torch device string: "cpu", "cuda", "cuda:1"
 
+    @property
+    def lays_out_lists(self) -> bool:
+        """Whether IVF builds fill list by list: asked for, and on a CPU (a GPU memory keeps its order)."""
+        return self.list_order and not self.cuda
+
     def __post_init__(self):
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"unknown index kind {self.kind!r}: choose one of {', '.join(INDEX_KINDS)}")
