@@ -4,27 +4,28 @@
     python benchmarks/index_bench.py --quick              # N = 1e4 only: a smoke run
     python benchmarks/index_bench.py --sizes 1e7 --max-n 1e7 --kinds flat,ivf,ivfpq
 
-Each row of the JSON output (a list) has n_cells, dim, index, device, build_s, search_ms (median over
---repeats of one batch of --queries queries), recall_at_k (top-K id overlap with exact search), k and
-bytes_per_cell (saved index file size / N).
+Each row of the JSON output's "rows" has n_cells, dim, index, device, build_s, search_ms (median over
+--repeats of one batch of --queries queries, after a warm-up), recall_at_k (top-K id overlap with exact
+search), k and bytes_per_cell (saved index file size / N). Writes results/index_bench.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from machine import available_ram
+from common import available_ram, median_ms, now, write_report
+
+# isort: split
+from faiss.contrib.evaluation import knn_intersection_measure
 
 from sam_cls.index import IndexParams, build_index, exact_search
-from sam_cls.index.recall import knn_intersection_measure, timed_ms
 from sam_cls.index.synthetic import clustered_embeddings
 
+# ----------------------------------------------------------------------------- hyper-parameters, all here
 KINDS = ("flat", "ivf", "ivfpq", "hnsw", "torch")
 # Peak memory of one size's run in units of the raw cells (N*d*4): the cells, one index, its serialized copy
 # and slack; sizes that would not fit in the available RAM are skipped, not swapped.
@@ -48,12 +49,12 @@ def bench_kind(
 ) -> dict:
     """Build, time and measure one back-end on one memory."""
     n, d = x.shape
-    start = time.perf_counter()
+    start = now()
     index = build_index(x, IndexParams(kind=kind, device=device), k=k, seed=seed)
-    build_s = time.perf_counter() - start
+    build_s = now() - start
     queries = q.to(device)
-    index.search(queries, k)  # warm-up: first-call allocations and thread start-up are not search time
-    (_, ids), search_ms = timed_ms(lambda: index.search(queries, k), repeats)
+    _, ids = index.search(queries, k)  # also the warm-up: first-call allocations and thread start-up
+    search_ms = median_ms(lambda _: index.search(queries, k), repeats, warmup=0)
     recall = knn_intersection_measure(ids.cpu().numpy(), exact_ids.numpy())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "index.bin"
@@ -98,8 +99,8 @@ def main() -> None:
             ap.error(f"unknown kind {kind!r}: choose from {', '.join(KINDS)}")
 
     rows: list[dict] = []
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"dim": args.dim, "k": args.k, "queries": args.queries, "clusters": args.clusters,
+                "repeats": repeats, "device": args.device, "seed": args.seed}
     columns = ("n_cells", 9), ("index", 6), ("build_s", 8), ("search_ms", 10), ("recall", 7), ("B/cell", 7)
     print(" ".join(f"{name:>{width}}" for name, width in columns) + "  description")
     for n in sizes:
@@ -124,10 +125,10 @@ def main() -> None:
                 flush=True,
             )
             # Written after every row, so a long run that is stopped keeps what it measured.
-            out.write_text(json.dumps(rows, indent=1) + "\n")
+            write_report({"settings": settings, "rows": rows}, args.out, quiet=True)
         del x, q, exact_ids
         gc.collect()
-    print(f"wrote {len(rows)} rows to {out}")
+    print(f"wrote {len(rows)} rows to {args.out}")
 
 
 if __name__ == "__main__":

@@ -14,67 +14,51 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
-from machine import write_report
+from common import CIFAR10_DIR, conv1_run, trainer, write_report
 from torch.profiler import ProfilerActivity, profile
 
-from sam_cls.config import Config
 from sam_cls.train import Trainer
 
+# ----------------------------------------------------------------------------- hyper-parameters, all here
 PHASES = ("batch", "encoder", "read", "search", "backward", "optimizer", "memory write", "index refresh")
 ROUNDS = 3
+QUICK_STEPS = 8
 
 
-def timed(trainer: Trainer, steps: int) -> float:
+def timed(t: Trainer, steps: int) -> float:
     """ms per training step, as the trainer's own step clock measures it."""
-    spent = trainer.train_seconds
-    trainer.train_epoch(max_steps=steps)
-    return 1000 * (trainer.train_seconds - spent) / steps
+    spent = t.train_seconds
+    t.train_epoch(max_steps=steps)
+    return 1000 * (t.train_seconds - spent) / steps
 
 
-def profiled(trainer: Trainer, steps: int) -> dict[str, float]:
+def profiled(t: Trainer, steps: int) -> dict[str, float]:
     """ms per step of each labelled phase, from torch.profiler's CPU totals."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer.train_epoch(max_steps=steps)
-    n = steps
+        t.train_epoch(max_steps=steps)
     totals = {e.key: e.cpu_time_total / 1000 for e in prof.key_averages() if e.key in PHASES}
-    return {phase: totals.get(phase, 0.0) / n for phase in PHASES}
-
-
-def make(base: dict, **extra) -> Trainer:
-    """A trainer set up as fit() sets it up (memory encoded, index built), ready for train_epoch."""
-    trainer = Trainer(Config(**base, **extra).validate(), log=lambda line: None)
-    trainer.prepare()
-    return trainer
+    return {phase: totals.get(phase, 0.0) / steps for phase in PHASES}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg", help="CIFAR-10 in image-folder layout")
+    ap.add_argument("--data-dir", default=CIFAR10_DIR, help="CIFAR-10 in image-folder layout")
     ap.add_argument("--steps", type=int, default=100, help="training steps per measurement")
     ap.add_argument("--encoder", default="conv1")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="results/profile_step.json")
     args = ap.parse_args()
     # A schedule long enough that the measured steps sit near full learning rate, past warm-up.
-    base: dict = {"encoder": args.encoder, "epochs": 100, "warmup_epochs": 0.0, "seed": 0}
-    if args.quick:
-        base.update(dataset="synthetic", synthetic_train=2048, synthetic_test=256, synthetic_shape=[3, 32, 32])
-        data, steps = "synthetic (2048 images, 3x32x32)", min(args.steps, 8)
-    else:
-        if not (Path(args.data_dir) / "train").is_dir():
-            sys.exit(f"error: no image folder at {args.data_dir}/train: pass --data-dir (or --quick)")
-        base.update(dataset="imagefolder", data_dir=args.data_dir)
-        data, steps = "CIFAR-10 (JPEG copy)", args.steps
-    trainers = {"sam-cls": make(base), "softmax": make(base, head="softmax")}
+    options, data = conv1_run(args.data_dir, args.quick, encoder=args.encoder, epochs=100, warmup_epochs=0.0)
+    steps = min(args.steps, QUICK_STEPS) if args.quick else args.steps
+    trainers = {"sam-cls": trainer(options), "softmax": trainer(options, head="softmax")}
     step_ms: dict[str, list[float]] = {name: [] for name in trainers}
     phases: dict[str, list[dict]] = {name: [] for name in trainers}
     for _ in range(ROUNDS):  # alternating, so drifting machine load hits both alike
-        for name, trainer in trainers.items():
-            step_ms[name].append(timed(trainer, steps))
-            phases[name].append(profiled(trainer, steps))
+        for name, t in trainers.items():
+            step_ms[name].append(timed(t, steps))
+            phases[name].append(profiled(t, steps))
     rows = {}
     for name in trainers:
         rows[name] = {"step_ms": round(statistics.median(step_ms[name]), 2),
@@ -87,10 +71,9 @@ def main() -> None:
         print(f"{p:28s} {rows['sam-cls']['phases_ms_profiled'][p]:9.2f} {rows['softmax']['phases_ms_profiled'][p]:9.2f}")
     print(f"{'step (unprofiled, median)':28s} {rows['sam-cls']['step_ms']:9.2f} {rows['softmax']['step_ms']:9.2f}")
     print(f"memory overhead {overhead:.1f} ms/step; throughput ratio {rows['softmax']['step_ms'] / rows['sam-cls']['step_ms']:.3f}")
-    write_report({"data": data, "encoder": args.encoder,
-              "batch_size": trainers["sam-cls"].cfg.batch_size, "index": index,
-              "rounds": ROUNDS, "steps_per_measurement": steps, "rows": rows,
-              "ratio": round(rows["softmax"]["step_ms"] / rows["sam-cls"]["step_ms"], 3)}, args.out)
+    write_report({"data": data, "encoder": args.encoder, "batch_size": trainers["sam-cls"].cfg.batch_size,
+                  "index": index, "rounds": ROUNDS, "steps_per_measurement": steps, "rows": rows,
+                  "ratio": round(rows["softmax"]["step_ms"] / rows["sam-cls"]["step_ms"], 3)}, args.out)
 
 
 if __name__ == "__main__":

@@ -24,40 +24,50 @@ there exactly, and faiss indices search there with faiss-gpu, else on the host C
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import json
-import resource
-import shlex
-import sys
 import tempfile
-import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-import machine
 import numpy as np
 import torch
 import torch.nn.functional as F
-from machine import describe, proc_kib
+from common import (
+    CIFAR10_DIR,
+    CLUSTERS,
+    ETA,
+    INDEX_BYTES,
+    NUM_CLASSES,
+    REPEATS,
+    TEMPERATURE,
+    WARMUP,
+    B,
+    D,
+    K,
+    available_ram,
+    conv1_run,
+    make_bank,
+    make_batches,
+    median_ms,
+    now,
+    peak_gpu_mb,
+    peak_rss_mb,
+    reset_peaks,
+    sparse_step,
+    trainer,
+    training_refresher,
+    write_report,
+)
 
-from sam_cls.config import Config
-from sam_cls.index import IndexParams, IndexRefresher
-from sam_cls.index.synthetic import clustered_embeddings
+from sam_cls.index import IndexParams
 from sam_cls.memory import MemoryBank
 from sam_cls.model import build_encoder
-from sam_cls.read import class_log_probs, dense_read, exclusion_mask, sparse_read
-from sam_cls.train import Trainer
+from sam_cls.read import class_log_probs, dense_read, sparse_read
 
 # ----------------------------------------------------------------------------- hyper-parameters, all here
-D, B, K = 128, 256, 256  # embedding dim, batch, cells read per query: the defaults in sam_cls/config.py
-NUM_CLASSES = 10  # label = synthetic cluster mod C, as many classes as CIFAR-10
-CLUSTERS = 100
-TEMPERATURE, ETA = 0.05, 0.5  # config.py defaults: softmax temperature, memory write momentum
+# (D, B, K, classes, temperature, eta and the synthetic cells' clusters and query noise: common.py)
 SUPPORT_M = 10_000  # the seed method's support sample, re-encoded every batch
-QUERY_NOISE = 0.1  # a query is its own cell plus noise: an encoder output near the cell it last wrote
-WARMUP, REPEATS, QUICK_REPEATS = 3, 25, 3  # 25: a 1e4 step is ~15 ms, and its medians over 10 varied by 2x
-ROW_BUDGET_S = 30.0  # a slow measurement (dense at 1e6) takes fewer repeats, never fewer than 3
+QUICK_REPEATS = 3  # --quick: timed repeats a row (else common.REPEATS), after common.WARMUP warm-ups
 DENSE_MAX_STEP_S = 10.0  # skip dense where a step would take longer (linear estimate from a smaller N)
 DENSE_CHUNK = {"cpu": 8192, "cuda": 1 << 18}  # cells per dense chunk: cache-sized on a CPU, 256 MB of scores on a GPU
 KINDS = ("flat", "ivf", "ivfpq", "hnsw", "torch")
@@ -66,85 +76,10 @@ DEFAULT_SIZES = "1e4,1e5,1e6,1e7"
 # seconds a step, and an HNSW graph hours to build on a few cores. HNSW stops at HNSW_MAX_N for that reason.
 BIG_N, BIG_KINDS, HNSW_MAX_N = 10**7, ("ivf", "ivfpq"), 10**6
 BIG_KINDS_CUDA = ("ivfpq", "torch")  # on a GPU an exact scan of 1e7 cells takes tens of ms, not seconds
-# Resident bytes a cell for each index (RAM check only); doubled while the index is serialized for its size.
-INDEX_BYTES = {"flat": 4 * D, "torch": 4 * D, "ivf": D + 16, "hnsw": 4 * D + 320, "ivfpq": D + 80}
 QUICK_SYNTHETIC_TRAIN = 768  # --quick throughput: a few hundred 3x32x32 synthetic images (K=256 fits)
 
 
 # ----------------------------------------------------------------------------- measuring
-RAM_GIB: float | None = None  # --ram-gib: a VM whose memory grows on use reports too little available
-
-
-def available_ram() -> int:
-    """Bytes free for the next size, so a size that would swap is skipped instead."""
-    if RAM_GIB is not None:  # the planned total, less what this process already holds
-        return int(RAM_GIB * 2**30) - (proc_kib("/proc/self/status", "VmRSS") or 0) * 1024
-    return machine.available_ram()
-
-
-def reset_peaks() -> None:
-    """Restart the peak-RSS (Linux) and GPU peak-memory counters, so each row reports its own peaks."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    if torch.cuda.is_initialized():  # see sync()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set since the last reset (VmHWM), else the process-lifetime ru_maxrss."""
-    kib = proc_kib("/proc/self/status", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kib / 1024, 1)
-
-
-# The GPU helpers act only once something ran on CUDA: a --device cpu run on a GPU machine never starts it.
-def sync() -> None:
-    """Wait for queued GPU work, so a wall-clock reading covers it (CUDA kernels run asynchronously)."""
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def peak_gpu_mb() -> float | None:
-    """Peak GPU memory allocated by torch since the last reset; None on a CPU run."""
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_initialized() else None
-
-
-def median_ms(fn: Callable[[int], object], repeats: int) -> float:
-    """Median ms of fn(i) after WARMUP calls; a slow fn gets fewer repeats (>= 3) so a row stays bounded."""
-    times: list[float] = []
-    i = 0
-    while len(times) < repeats:
-        sync()
-        start = time.perf_counter()
-        fn(i)
-        sync()
-        seconds = time.perf_counter() - start
-        if i >= WARMUP:
-            times.append(seconds)
-        elif i == WARMUP - 1:
-            repeats = max(3, min(repeats, int(ROW_BUDGET_S / max(seconds, 1e-6))))
-        i += 1
-    return float(np.median(times) * 1e3)
-
-
-def make_bank(n: int, seed: int, device: str = "cpu") -> MemoryBank:
-    """N unit-norm clustered cells labelled by cluster mod NUM_CLASSES, drawn on the CPU (same on any device)."""
-    cells, _ = clustered_embeddings(n, D, CLUSTERS, seed)
-    # clustered_embeddings returns no cluster ids; its centres are the seeded generator's first draw, so draw
-    # them again and label each cell by its nearest centre (its own cluster at this noise level).
-    centres = F.normalize(torch.randn(CLUSTERS, D, generator=torch.Generator().manual_seed(seed)), dim=1)
-    labels = torch.cat([(c @ centres.T).argmax(1) for c in cells.split(1 << 20)]) % NUM_CLASSES
-    return MemoryBank(cells.to(device), labels.to(device))
-
-
-def make_batches(bank: MemoryBank, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(count, B) own-cell ids and (count, B, d) queries: each its own cell plus noise, re-normalised."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    # randint, not randperm: no O(N) work per size (a repeated id in a batch is harmless)
-    idx = torch.randint(bank.size, (count, B), generator=gen).to(bank.embeddings.device)
-    noise = (torch.randn(count, B, D, generator=gen) * QUERY_NOISE / D**0.5).to(bank.embeddings.device)
-    return idx, F.normalize(bank.embeddings[idx] + noise, dim=2)
-
-
 def encoder_ms(repeats: int, device: str) -> float:
     """Forward + backward of the conv1 encoder on B uint8 32x32x3 images: the cost every method adds."""
     enc = build_encoder("conv1", (3, 32, 32), D, torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
@@ -164,31 +99,19 @@ def sparse_row(bank: MemoryBank, kind: str, batches: tuple, repeats: int, seed: 
     """Search K+1, sparse read forward/backward, write: the step whose cost should not grow with N."""
     idx, queries = batches
     reset_peaks()
-    start = time.perf_counter()
-    # The refresher is what a training step searches through: it sets the shallower training depth (IVF).
+    start = now()
     params = IndexParams(kind=kind, nlist=nlist, device=bank.embeddings.device.type)
-    # reorder: as a trainer's, an IVF index lays the memory out list by list (MemoryBank.reorder).
-    refresher = IndexRefresher(bank.embeddings, params, k=K + 1, rebuild_every=None, seed=seed, recall_sample=0,
-                               reorder=bank.reorder)
+    refresher = training_refresher(bank, params, seed)
     index = refresher.index
-    sync()
-    build_s = time.perf_counter() - start
-
-    def step(i: int) -> None:
-        u = queries[i].clone().requires_grad_()
-        _, ids = refresher.search(u.detach(), K + 1)  # K + 1 so that masking the query's own cell leaves K
-        own = bank.rows[idx[i]]  # idx names examples; the index's ids are the memory's rows
-        log_probs = sparse_read(u, ids, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE,
-                                exclude=exclusion_mask(ids, own))
-        F.nll_loss(log_probs, bank.labels[own]).backward()
-        bank.write(idx[i], u, ETA, step=i)
+    build_s = now() - start
 
     @torch.no_grad()
     def infer(i: int) -> None:
         _, ids = index.search(queries[i], K)
         sparse_read(queries[i], ids, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE)
 
-    step_ms, infer_ms = median_ms(step, repeats), median_ms(infer, repeats)
+    step_ms = median_ms(lambda i: sparse_step(bank, refresher, idx[i], queries[i], i), repeats)["total"]
+    infer_ms = median_ms(infer, repeats)
     peak = peak_rss_mb()  # read before saving: serialising makes a transient copy of the index
     with tempfile.TemporaryDirectory() as tmp:  # saved file / N: what the index holds resident
         index.save(Path(tmp) / "index.bin")
@@ -198,7 +121,7 @@ def sparse_row(bank: MemoryBank, kind: str, batches: tuple, repeats: int, seed: 
             "bytes_per_cell": round(per_cell + 4 * D, 1), "index_bytes_per_cell": round(per_cell, 1),
             "storage": f"float32 memory ({4 * D} B) + {kind} index",
             "queries_per_s": round(B / infer_ms * 1e3, 1), "peak_rss_mb": peak, "peak_gpu_mb": peak_gpu_mb(),
-            "description": index.description, "train_nprobe": refresher.train_nprobe}
+            "description": index.description, "train_nprobe": getattr(index, "train_nprobe", None)}
 
 
 def dense_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
@@ -248,39 +171,25 @@ def support_row(bank: MemoryBank, batches: tuple, repeats: int) -> dict:
 # ----------------------------------------------------------------------------- whole-epoch throughput
 def throughput(args: argparse.Namespace) -> dict | None:
     """Images/s of whole training epochs, sam-cls (with its per-epoch index rebuild) against plain softmax."""
-    base: dict = {"encoder": "conv1", "epochs": args.epochs_throughput, "seed": args.seed, "device": args.device}
-    if args.quick:
-        base.update(dataset="synthetic", synthetic_train=QUICK_SYNTHETIC_TRAIN, synthetic_test=256,
-                    synthetic_shape=[3, 32, 32], synthetic_classes=NUM_CLASSES)
-        name = f"synthetic ({QUICK_SYNTHETIC_TRAIN} images, 3x32x32)"
-    elif (Path(args.data_dir) / "train").is_dir():
-        base.update(dataset="imagefolder", data_dir=args.data_dir)
-        name = "CIFAR-10 (JPEG copy)"
-    else:
+    run = conv1_run(args.data_dir, args.quick, QUICK_SYNTHETIC_TRAIN, required=False,
+                    epochs=args.epochs_throughput, seed=args.seed, device=args.device)
+    if run is None:
         print(f"throughput: not run: data absent ({args.data_dir}/train)")
         return None
-    # Set up the way Trainer.fit does: memory from the initial encoder, then the refresher over it. Quiet
-    # logs: the trainers' index lines would interleave with the table.
-    sam = Trainer(Config(**base).validate(), log=lambda line: None)
-    sam.prepare()
-    soft = Trainer(Config(**base, head="softmax").validate(), log=lambda line: None)
+    options, name = run
+    sam, soft = trainer(options), trainer(options, head="softmax")
+    images = len(sam.memory.labels)
     epochs: list[dict] = []
     for _ in range(args.epochs_throughput):  # interleaved, so drifting machine load hits both alike
-        sync()
-        t0 = time.perf_counter()
+        t0 = now()
         sam.train_epoch()
-        sync()
-        t1 = time.perf_counter()
+        t1 = now()
         sam.refresher.rebuild("epoch")  # the rebuild each sam-cls epoch needs (fit does it before evaluation)
-        sync()
-        t2 = time.perf_counter()
+        t2 = now()
         soft.train_epoch()
-        sync()
-        images = len(sam.train_y)
         epochs.append({"sam_cls_images_per_s": round(images / (t2 - t0), 1), "rebuild_s": round(t2 - t1, 2),
-                       "softmax_images_per_s": round(images / (time.perf_counter() - t2), 1)})
+                       "softmax_images_per_s": round(images / (now() - t2), 1)})
         epochs[-1]["ratio"] = round(epochs[-1]["sam_cls_images_per_s"] / epochs[-1]["softmax_images_per_s"], 3)
-        sam.epoch, soft.epoch = sam.epoch + 1, soft.epoch + 1
 
     def median(key: str) -> float:
         return round(float(np.median([e[key] for e in epochs])), 3)
@@ -288,7 +197,7 @@ def throughput(args: argparse.Namespace) -> dict | None:
     # Medians over epochs; the ratio is the median of each epoch's side-by-side ratio.
     return {"sam_cls_images_per_s": median("sam_cls_images_per_s"), "softmax_images_per_s": median("softmax_images_per_s"),
             "ratio": median("ratio"), "dataset": name, "encoder": "conv1", "epochs": args.epochs_throughput,
-            "train_images": len(sam.train_y), "device": str(sam.device),
+            "train_images": images, "device": args.device,
             "index": sam.refresher.description, "rebuild_s_per_epoch": median("rebuild_s"),
             "per_epoch": epochs}
 
@@ -350,7 +259,7 @@ def main() -> None:
     ap.add_argument("--big-nlist", type=int, help="IVF lists from --big-n on (default 4 sqrt(N): slow k-means)")
     ap.add_argument("--repeats", type=int, help=f"timed repeats after {WARMUP} warm-ups (default {REPEATS})")
     ap.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg", help="imagefolder for --throughput")
+    ap.add_argument("--data-dir", default=CIFAR10_DIR, help="imagefolder for --throughput")
     ap.add_argument("--epochs-throughput", type=int, default=3, help="epochs (medians quoted) for --throughput")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ram-gib", type=float, help="RAM to plan sizes for (default: what the kernel says is free)")
@@ -365,16 +274,14 @@ def main() -> None:
         ap.error(f"unknown index kind(s) {', '.join(bad)}: choose from {', '.join(KINDS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no CUDA device: use --device cpu")
-    global RAM_GIB
-    RAM_GIB = args.ram_gib
+    ram = partial(available_ram, args.ram_gib)  # bytes free for the next size, so one that would swap is skipped
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     enc_ms = encoder_ms(repeats, args.device)
     settings = {"dim": D, "batch": B, "k": K, "classes": NUM_CLASSES, "clusters": CLUSTERS, "eta": ETA,
                 "temperature": TEMPERATURE, "support_m": SUPPORT_M, "warmup": WARMUP, "repeats": repeats,
                 "device": args.device, "big_nlist": args.big_nlist}
-    report: dict = {"command": shlex.join(["python", *sys.argv]), "machine": describe(), "settings": settings,
+    report: dict = {"settings": settings,
                     "encoder_ms": {"conv1_fwd_bwd_batch": round(enc_ms, 2),
                                    "added": "to every row; support-sample adds (B + M) / B times it"},
                     "steps": [], "skipped": [], "slopes": [], "throughput": None}
@@ -385,14 +292,14 @@ def main() -> None:
         report["skipped"].append({"n_cells": n, "what": what, "why": why})
 
     def save() -> None:  # after every row, so a run that is stopped keeps what it measured
-        out.write_text(json.dumps(report, indent=1) + "\n")
+        write_report(report, out, quiet=True)
 
     print(f"conv1 encoder forward+backward, B={B}: {enc_ms:.1f} ms (added to every row)")
     print(f"{'n_cells':>9} {'method/index':<22} {'step_ms':>9} {'+enc_ms':>9} {'build_s':>8} {'B/cell':>7} "
           f"{'q/s':>8} {'peak_MB':>8}" + (f" {'gpu_MB':>8}" if args.device == "cuda" else ""))
     for n in sizes:
-        free_gib = available_ram() / 2**30
-        if (need := n * (4 * D + 16) + (3 << 30)) > available_ram():  # cells, labels, generation temporaries
+        free_gib = ram() / 2**30
+        if (need := n * (4 * D + 16) + (3 << 30)) > ram():  # cells, labels, generation temporaries
             skip(n, "all", f"memory needs ~{need / 2**30:.1f} GiB, {free_gib:.1f} GiB available")
             continue
         # cells and labels, and 1 GiB for a step's temporaries (a torch index's copy is checked per kind)
@@ -408,9 +315,10 @@ def main() -> None:
                 skip(n, f"sparse/{kind}", f"N >= --big-n {args.big_n:.0f}: only {','.join(big_kinds)}")
             elif kind == "hnsw" and n > HNSW_MAX_N:
                 skip(n, "sparse/hnsw", f"N above {HNSW_MAX_N:.0e} (graph build too slow)")
-            elif (need := 2 * INDEX_BYTES[kind] * n + (1 << 30)) > available_ram():
+            # the index, doubled while it is serialised for its size, and 1 GiB of slack
+            elif (need := 2 * INDEX_BYTES[kind] * n + (1 << 30)) > ram():
                 skip(n, f"sparse/{kind}", f"index needs ~{need / 2**30:.1f} GiB, "
-                     f"{available_ram() / 2**30:.1f} GiB available")
+                     f"{ram() / 2**30:.1f} GiB available")
             elif kind == "torch" and args.device == "cuda" and INDEX_BYTES[kind] * n > torch.cuda.mem_get_info()[0]:
                 skip(n, "sparse/torch", f"its copy of the cells needs ~{INDEX_BYTES[kind] * n / 2**30:.1f} GiB of GPU")
             else:

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch  # first: faiss imported after it shares torch's OpenMP runtime (sam_cls/index/_faiss.py)
+import torch
+from common import write_report
 
 # isort: split
-import faiss
+import faiss  # after torch (common.py says why)
 import faiss.contrib.torch_utils
-from machine import describe
 
 from sam_cls.checkpoint import RunDir
 from sam_cls.config import make_config
@@ -320,11 +319,8 @@ def main() -> None:
         print(f"wall time {wall / 60:.1f} min")
         for r in rows:
             r["paper_accuracy"] = paper(r)
-        command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/table1.py", *sys.argv[1:]])
-        info = {"command": command, "wall_seconds": round(wall, 1), "machine": describe(), "paper_notes": PAPER_NOTES}
-        results.parent.mkdir(exist_ok=True)
+        info = write_report({"wall_seconds": round(wall, 1), "paper_notes": PAPER_NOTES}, info_path, quiet=True)
         results.write_text(json.dumps(rows, indent=1) + "\n")
-        info_path.write_text(json.dumps(info, indent=1) + "\n")
     plots = plot(rows, (ROOT / "results" if args.quick else ROOT / "docs") / f"{tag}.png")
     if not args.quick:
         write_markdown(rows, info, plots, ROOT / "docs" / "RESULTS.md")

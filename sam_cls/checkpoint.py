@@ -7,10 +7,29 @@ from pathlib import Path
 import torch
 
 from sam_cls.config import Config, ConfigError, make_config, save_config
+from sam_cls.index.store import digest, read_header
 
 
 class CheckpointError(ValueError):
     """A missing, corrupt or mismatched run file; the message names the file and the fix."""
+
+
+# Options a resumed run may not change: they define what the checkpoint's tensors and optimizer state mean.
+STRUCTURAL = ("dataset", "validation", "encoder", "head", "dim", "synthetic_train", "synthetic_classes",
+              "synthetic_shape", "seed", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs")
+
+
+def check_resumable(state: dict, cfg: Config, device_type: str) -> None:
+    """A checkpoint continues only under the options and device it was trained with; else say which differ."""
+    saved = state.get("config", {})
+    changed = [k for k in STRUCTURAL if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        raise CheckpointError(f"checkpoint was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}; "
+                              f"resume with the same values or start a new run with --out")
+    if state.get("device_type", device_type) != device_type:
+        # The crop generator's state is device-specific; a run continues where it was trained.
+        raise CheckpointError(f"checkpoint was trained on {state['device_type']}: resume it with --device "
+                              f"{state['device_type']}")
 
 
 class RunDir:
@@ -21,7 +40,30 @@ class RunDir:
         self.config = self.path / "config.yaml"
         self.checkpoint = self.path / "checkpoint.pt"
         self.index = self.path / "index.faiss"
+        self.next_index = self.path / "index.faiss.next"  # written before the checkpoint that names it
         self.metrics = self.path / "metrics.jsonl"
+
+    def commit(self, state: dict, index) -> None:
+        """Save an index and the checkpoint it belongs to so that a crash at any point leaves one consistent
+        pair: the index goes to a side file, the checkpoint (naming the index by its checksum) replaces the
+        old one (the commit point), then the index takes its place."""
+        header = index.save(self.next_index)
+        atomic_save({**state, "index_digest": digest(header)}, self.checkpoint)
+        os.replace(self.next_index, self.index)
+
+    def index_file(self, state: dict) -> Path:
+        """The index file that belongs to this checkpoint; a crash after the commit point is finished here."""
+        want = state.get("index_digest")
+        if want is None:  # a checkpoint from before indices were named by checksum
+            return self.index
+        header = read_header(self.index)
+        if digest(header) == want:
+            return self.index
+        if digest(read_header(self.next_index)) == want:  # a crash between the commit and the rename
+            return self.next_index  # a reader writes nothing: the next commit puts it in place
+        holds = f"holds {header['size']} cells but " if "size" in header else ""
+        raise CheckpointError(f"{self.index} {holds}is not the index {self.checkpoint.name} was saved with (a file "
+                              f"from another run or epoch, or damaged): run `sam-cls rebuild-index --run {self.path}`")
 
     def require_checkpoint(self) -> None:
         if not self.checkpoint.is_file():

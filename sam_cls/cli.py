@@ -1,13 +1,13 @@
 """The `sam-cls` command: parse options, call the library, print. No logic lives here."""
 
+import dataclasses
 import functools
 import json
 import sys
 
 import click
 
-from sam_cls.config import make_config
-from sam_cls.index.params import INDEX_KINDS
+from sam_cls.config import DEVICES, FIELDS, bounds_text, flag, kind, make_config
 
 
 def log(message: str) -> None:
@@ -44,20 +44,73 @@ def friendly_errors(fn):
     return wrapper
 
 
-def index_options(fn):
-    """Index choice and knobs, shared by train and rebuild-index."""
-    for opt in reversed([
-        click.option("--index", type=click.Choice(INDEX_KINDS),
-                     help="ANN back-end over the memory (auto chooses by N, d, K and device)."),
-        click.option("--nlist", type=click.IntRange(min=1), help="IVF lists (default about 4 sqrt(N))."),
-        click.option("--nprobe", type=click.IntRange(min=1), help="IVF lists searched per query."),
-        click.option("--pq-m", type=click.IntRange(min=1), help="PQ sub-quantizers for --index ivfpq."),
-        click.option("--hnsw-m", type=click.IntRange(min=1), help="HNSW graph degree."),
-        click.option("--ef-search", type=click.IntRange(min=1), help="HNSW search breadth (>= K)."),
-        click.option("--fp16/--no-fp16", default=None, help="Float16 storage for a GPU index."),
-    ]):
-        fn = opt(fn)
-    return fn
+class _AsGiven(click.ParamType):
+    """Passes the text through; Config coerces and checks it, so a CLI value and a YAML value meet the same
+    rules and a bad one ends in the same one-line error naming the option. `name` is what --help shows."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def convert(self, value, param, ctx):
+        return value
+
+
+class _ShownChoice(click.Choice):
+    """--help and shell completion list the choices; Config.validate rejects any other value, in one line."""
+
+    def convert(self, value, param, ctx):
+        return value
+
+
+class _ConfigOption(click.Option):
+    """A Config field's flag: parses to None when not given (so a --config file's value or the field's default
+    applies), while --help shows the field's real default and its range, as click shows an IntRange's."""
+
+    def __init__(self, *args, shown: str, range_text: str, **kwargs):
+        super().__init__(*args, default=None, show_default=False, **kwargs)
+        self.extra = "; ".join(part for part in (f"default: {shown}", range_text) if part)
+
+    def get_help_record(self, ctx):
+        opts, text = super().get_help_record(ctx)
+        return opts, f"{text}  [{self.extra}]"
+
+
+_METAVARS = {int: "integer", float: "float", str: "text", list: "list"}
+
+
+def config_options(names=None):
+    """Flags for Config fields (all of them unless named), generated from the fields' defaults and metadata."""
+
+    def decorate(fn):
+        for name in reversed(names or list(FIELDS)):
+            field, meta = FIELDS[name], FIELDS[name].metadata
+            value_type, _ = kind(name)
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            if meta["shown"] is not None:
+                shown = meta["shown"]
+            elif value_type is bool:
+                shown = flag(name) if default else f"no-{flag(name)}"  # as click shows a bool flag's default
+            elif value_type is list:
+                shown = ",".join(map(str, default))
+            else:
+                shown = str(default)
+            kwargs = {"cls": _ConfigOption, "help": meta["help"], "shown": shown,
+                      "range_text": bounds_text(meta, brief=True)}
+            if value_type is bool:
+                decls = [f"--{flag(name)}/--no-{flag(name)}", name]
+            else:
+                decls = [f"--{flag(name)}", name]
+                kwargs["type"] = _ShownChoice(meta["choices"]) if meta["choices"] else _AsGiven(_METAVARS[value_type])
+                if meta["metavar"]:
+                    kwargs["metavar"] = meta["metavar"]
+            fn = click.option(*decls, **kwargs)(fn)
+        return fn
+
+    return decorate
+
+
+# Index choice and knobs, shared by train and rebuild-index.
+index_options = config_options(["index", "nlist", "nprobe", "pq_m", "hnsw_m", "ef_search", "fp16"])
 
 
 @click.group()
@@ -66,34 +119,19 @@ def main() -> None:
     """sam-cls: a classifier that reads the K nearest of all its training examples."""
 
 
-@main.command()
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML run config; CLI options override it.")
-@click.option("--dataset", help="mnist, fashion-mnist, cifar10, cifar100, imagefolder or synthetic.")
-@click.option("--data-dir", help="Folder holding the data set (default ./data).")
-@click.option("--validation", type=float, help="Hold out this share of train; report accuracy on it, not test.")
-@click.option("--encoder", help="linear, conv1 (Conv-MaxPool-ReLU-Linear) or cnn.")
-@click.option("--dim", type=int, help="Embedding dimension.")
-@click.option("--topk", type=int, help="Cells read per query (K); 0 = dense exact read over all cells.")
-@click.option("--temperature", type=float, help="Softmax temperature tau.")
-@click.option("--eta", type=float, help="Memory write momentum.")
-@click.option("--head", type=click.Choice(["memory", "softmax"]), help="softmax: the parametric baseline.")
-@click.option("--support-sample", type=int, help="The seed method: M random support images per batch (no index).")
-@click.option("--epochs", type=int)
-@click.option("--max-seconds", type=float, help="Wall-clock budget for training steps; the schedule fits it.")
-@click.option("--batch-size", type=int)
-@click.option("--lr", type=float, help="Peak learning rate (SGD, warm-up then linear decay).")
-@index_options
-@click.option("--train-nprobe", type=click.IntRange(min=1), help="IVF lists a training read scans (default: ~4K cells).")
-@click.option("--rebuild-every", help="Rebuild the index every N steps, 'epoch' or 'auto' (on measured staleness).")
-@click.option("--background-rebuild/--no-background-rebuild", default=None, help="Build the next index in a thread.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", type=int)
-@click.option("--out", help="Run directory (default runs/<dataset>-<encoder>-k<K>).")
+@main.command(context_settings={"max_content_width": 110})
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML run config (keys are the options below, e.g. batch_size: 256); options given here "
+                   "override it.")
+@config_options()
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line on stdout.")
 @friendly_errors
 def train(config_file, resume, as_json, **options) -> None:
-    """Train an encoder and its memory; writes a run directory."""
+    """Train an encoder and its memory; writes a run directory.
+
+    With no options it trains on mnist-mini, the 5,000 + 1,000 MNIST digits shipped with sam-cls.
+    """
     from sam_cls.train import train as run_training
 
     if resume:
@@ -109,54 +147,151 @@ def train(config_file, resume, as_json, **options) -> None:
     report(run_training(cfg, resume=resume, log=log), as_json)
 
 
+def run_options(fn):
+    """--run and --device, which every command that uses a trained run takes."""
+    fn = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)(fn)
+    return click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")(fn)
+
+
+def load(run_dir: str, device: str):
+    from sam_cls.classifier import load as load_classifier
+
+    return load_classifier(run_dir, device, log)
+
+
 @main.command()
-@click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")
-@click.option("--topk", type=click.IntRange(min=0), help="Cells read per test image (default: the run's K).")
-@click.option("--data-dir", help="Override the run's data folder.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@run_options
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--topk", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+@friendly_errors
+def predict(run_dir, device, paths, topk, as_json) -> None:
+    """Classify image files (or every image in the folders given), any size or format."""
+    from sam_cls.images import image_files
+
+    clf = load(run_dir, device)
+    files = image_files(paths)
+    proba = clf.predict_proba(files)
+    for path, p in zip(files, proba, strict=True):
+        best = p.topk(min(topk, len(p)))
+        top = [{"class": clf.classes[int(c)], "probability": round(float(v), 4)}
+               for v, c in zip(best.values, best.indices, strict=True)]
+        if as_json:
+            click.echo(json.dumps({"path": str(path), "top": top}))
+        else:
+            click.echo(f"{path}  " + "  ".join(f"{t['class']} {t['probability']:.3f}" for t in top))
+
+
+@main.command()
+@run_options
+@click.argument("image", type=click.Path())
+@click.option("--neighbours", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Nearest cells to list.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write a PNG of the query beside its neighbours.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def evaluate(run_dir, topk, data_dir, device, as_json) -> None:
-    """Test accuracy of a run's memory classifier."""
-    from sam_cls.run import evaluate_run, load_run
+def explain(run_dir, device, image, neighbours, out, as_json) -> None:
+    """The stored examples a prediction rests on: label, similarity, softmax weight and source of each."""
+    from sam_cls.run import explain_picture
 
-    report(evaluate_run(load_run(run_dir, data_dir, device, log), topk), as_json)
+    clf = load(run_dir, device)
+    rows = clf.explain(image, neighbours)
+    predicted = clf.classes[int(clf.predict(image)[0])]
+    if out:
+        explain_picture(clf, image, rows, out, log)
+    if as_json:
+        click.echo(json.dumps({"path": image, "predicted": predicted, "neighbours": rows}))
+        return
+    click.echo(f"{image}: {predicted}")
+    for row in rows:
+        click.echo(f"  cell {row['cell']:>7}  {row['label']:<12} similarity {row['similarity']:.3f}  "
+                   f"weight {row['weight']:.3f}  {row['source']}")
+
+
+@main.command()
+@run_options
+@click.option("--data", "folder", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Image folder laid out as DIR/<class>/*: new or existing class names.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def add(run_dir, device, folder, as_json) -> None:
+    """Write labelled images into a run's memory and index with its trained encoder (no training)."""
+    clf = load(run_dir, device)
+    before = list(clf.classes)
+    added = clf.add_folder(folder)
+    clf.save()
+    report({"added": added, "cells": clf.memory.size, "new_classes": clf.classes[len(before):],
+            "classes": clf.classes}, as_json)
+
+
+@main.command()
+@run_options
+@click.option("--class", "class_name", help="Forget every cell of this class.")
+@click.option("--source", help="Forget the cells whose source matches this glob, e.g. 'mnist train #1??' or '*/cat/*'.")
+@click.option("--cells", help="Forget these cells, by number: 3,17,42.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def forget(run_dir, device, class_name, source, cells, as_json) -> None:
+    """Remove cells from a run's memory and index: a class, a source, or cell numbers."""
+    from sam_cls.config import ConfigError
+
+    try:
+        numbers = [int(c) for c in cells.split(",")] if cells else None
+    except ValueError:
+        raise ConfigError(f"--cells takes cell numbers separated by commas, got {cells!r}") from None
+    clf = load(run_dir, device)
+    forgotten = clf.forget(class_name, source, numbers)
+    clf.save()
+    report({"forgotten": forgotten, "cells": clf.memory.size}, as_json)
+
+
+@main.command()
+@run_options
+@click.option("--topk", type=click.IntRange(min=0), help="Cells read per test image (default: the run's K).")
+@click.option("--data-dir", help="Override the run's data folder.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix as a PNG.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def evaluate(run_dir, device, topk, data_dir, plot, as_json) -> None:
+    """Top-1 and top-5 test accuracy of a run's memory classifier, per class too."""
+    from sam_cls.run import evaluate_run, run_data
+
+    clf = load(run_dir, device)
+    report(evaluate_run(clf, run_data(clf, data_dir, log), topk, plot), as_json)
 
 
 @main.command("rebuild-index")
-@click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")
+@run_options
 @index_options
-@click.option("--data-dir", help="Override the run's data folder.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def rebuild_index(run_dir, data_dir, device, as_json, **options) -> None:
-    """Re-encode a run's memory and rebuild its index (any back-end)."""
-    from sam_cls.run import load_run, rebuild_run_index
-    from sam_cls.train import index_params
+def rebuild_index(run_dir, device, as_json, **options) -> None:
+    """Rebuild a run's index over its memory (any back-end); options not given keep the run's own."""
+    from sam_cls.run import rebuild_run_index
+    from sam_cls.setup import index_params
 
-    loaded = load_run(run_dir, data_dir, device, log)
-    cfg = make_config(None, **{**loaded.cfg.to_dict(), **options})
-    result = rebuild_run_index(loaded, index_params(cfg, loaded.device), log)
-    # Later reads of this run use the back-end and knobs it now has (data_dir stays the run's own).
-    loaded.run.save_config(make_config(None, **{**cfg.to_dict(), "data_dir": loaded.run.load_config().data_dir}))
+    clf = load(run_dir, device)
+    cfg = make_config(None, **{**clf.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})
+    result = rebuild_run_index(clf, index_params(cfg, clf.device), log)
+    # Later reads of this run use the back-end and knobs it now has.
+    clf.run.save_config(cfg)
     report(result, as_json)
 
 
 @main.command("index-stats")
-@click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")
+@run_options
 @click.option("--topk", type=click.IntRange(min=1), help="K for recall@K (default: the run's K).")
 @click.option("--queries", type=click.IntRange(min=1), default=1000, show_default=True, help="Test images used as queries.")
 @click.option("--data-dir", help="Override the run's data folder.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def index_stats(run_dir, topk, queries, data_dir, device, as_json) -> None:
+def index_stats(run_dir, device, topk, queries, data_dir, as_json) -> None:
     """Recall@K and search time of a run's index against exact search."""
     from sam_cls.run import index_stats as stats
-    from sam_cls.run import load_run
+    from sam_cls.run import run_data
 
-    report(stats(load_run(run_dir, data_dir, device, log), topk, queries), as_json)
+    clf = load(run_dir, device)
+    report(stats(clf, run_data(clf, data_dir, log), topk, queries), as_json)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Data sets as whole uint8 tensors: MNIST, Fashion-MNIST, CIFAR-10/100, image folders and synthetic clusters.
+"""Data sets as whole uint8 tensors: MNIST, Fashion-MNIST, CIFAR-10/100, image folders, synthetic clusters, and
+mnist-mini, a 5,000 + 1,000 image subset of MNIST shipped inside the package (sam_cls/assets/mnist-mini).
 
 Every loader returns the full train and test splits as uint8 (N, C, H, W) tensors so training can keep
 them on the accelerator and batch by indexing; `augment` is the matching vectorised augmentation.
@@ -6,14 +7,17 @@ them on the accelerator and batch by indexing; `augment` is the matching vectori
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import pickle
 import shutil
 import socket
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from math import prod
 from pathlib import Path
 from typing import ClassVar
@@ -24,7 +28,8 @@ from PIL import Image
 from torchvision import datasets as tvd
 from tqdm import tqdm
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+# The names --dataset accepts (the config's choices come from here); mnist-mini needs no files and no network.
+DATASETS = ("mnist-mini", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 
 # Seconds per socket operation: torchvision's urlopen sets no timeout and would hang on a dead link.
 _DOWNLOAD_TIMEOUT_S = 20.0
@@ -290,6 +295,46 @@ def _load_imagefolder(root: Path, log: Callable[[str], None]) -> Dataset:
     return _make("imagefolder", (xs["train"], ys["train"]), (xs["test"], ys["test"]), classes, natural=True)
 
 
+# ---------------------------------------------------------------- mnist-mini (embedded)
+
+_MNIST_MINI = ("assets", "mnist-mini")  # inside the sam_cls package; LICENSE.txt there: MNIST, CC BY-SA 3.0
+MNIST_CLASSES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+                 "8 - eight", "9 - nine"]  # torchvision's MNIST.classes
+
+
+def read_idx(data: bytes, what: str = "idx data") -> np.ndarray:
+    """An idx file of uint8 (LeCun's format: 0x0000, type 0x08, ndim, big-endian uint32 dims, bytes) as an array."""
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise DatasetError(f"{what} is not an idx file of uint8 (bad magic number)")
+    ndim = data[3]
+    start = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:start]) if len(data) >= start else None
+    if shape is None or len(data) - start != prod(shape):
+        raise DatasetError(f"{what}: idx header and data length disagree (truncated or damaged file)")
+    return np.frombuffer(bytearray(data), dtype=np.uint8, offset=start).reshape(shape)  # bytearray: writable
+
+
+def _load_mnist_mini(log: Callable[[str], None]) -> Dataset:
+    """The embedded MNIST subset: read from the installed package, so it needs no --data-dir and no network."""
+    folder = resources.files("sam_cls").joinpath(_MNIST_MINI[0]).joinpath(_MNIST_MINI[1])
+    splits = []
+    for prefix in ("train", "t10k"):
+        arrays = []
+        for name in (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"):
+            try:
+                arrays.append(read_idx(gzip.decompress(folder.joinpath(name).read_bytes()), name))
+            except (OSError, EOFError, DatasetError) as e:  # gzip's BadGzipFile is an OSError
+                raise DatasetError(f"mnist-mini: the embedded file {name} is missing or damaged ({_one_line(e)}); "
+                                   "reinstall sam-cls, or pass --dataset mnist --data-dir DIR") from None
+        x, y = arrays
+        if x.ndim != 3 or y.shape != (len(x),):
+            raise DatasetError(f"mnist-mini: {prefix} images {x.shape} do not match labels {y.shape}; reinstall sam-cls")
+        splits.append((torch.from_numpy(x).unsqueeze(1).contiguous(), torch.from_numpy(y).to(torch.int64)))
+    log(f"mnist-mini: {len(splits[0][0])} train, {len(splits[1][0])} test MNIST images embedded in sam_cls "
+        "(CC BY-SA 3.0, LeCun, Cortes and Burges)")
+    return _make("mnist-mini", splits[0], splits[1], MNIST_CLASSES, natural=False)
+
+
 # ---------------------------------------------------------------- synthetic
 
 def _load_synthetic(spec: SyntheticSpec) -> Dataset:
@@ -313,9 +358,12 @@ def _load_synthetic(spec: SyntheticSpec) -> Dataset:
 
 def load_dataset(name: str, data_dir: str | Path = "data", *, download: bool = True,
                  synthetic: SyntheticSpec | None = None, log: Callable[[str], None] | None = None) -> Dataset:
-    """Load a named data set whole: from data_dir in torchvision's layout, an image folder, or synthetic."""
+    """Load a named data set whole: from data_dir in torchvision's layout, an image folder, synthetic, or the
+    embedded mnist-mini (which ignores data_dir)."""
     log = log or (lambda _msg: None)
     root = Path(data_dir).expanduser()
+    if name == "mnist-mini":
+        return _load_mnist_mini(log)
     if name in _TORCHVISION:
         return _load_torchvision(name, _TORCHVISION[name], root, download, log)
     if name == "imagefolder":

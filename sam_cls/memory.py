@@ -22,9 +22,8 @@ HUGE_PAGES_MIN_BYTES = 64 << 20
 def back_with_huge_pages(tensor: torch.Tensor) -> bool:
     """Back a contiguous CPU tensor with transparent huge pages, in place; False where that did not happen."""
     # A read gathers K cells a query at random rows: once the memory outgrows the TLB's reach, each row costs
-    # a page walk as well. At N=1e7 (5 GB; benchmarks/huge_pages.py, 2 CPU cores) huge pages cut the training
-    # read's forward 9.9 -> 7.6 ms and its backward 5.0 -> 3.9 ms. MADV_COLLAPSE (Linux 6.1+) moves the
-    # written pages into huge ones once: 2.3 s there.
+    # a page walk as well, which huge pages save (results/huge_pages.json: a quarter of the training read at
+    # 1e7 cells). MADV_COLLAPSE (Linux 6.1+) moves the written pages into huge ones once, in seconds.
     # A non-contiguous view's nbytes is not the span it lives in: leave such tensors alone.
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or sys.platform != "linux" \
             or not THP_SIZE_FILE.exists():
@@ -57,7 +56,7 @@ class MemoryBank:
                 f"and {tuple(labels.shape)}"
             )
         # Kept as given when it is float32 and contiguous (no copy), so the caller's tensor is the one advised;
-        # the collapse blocks once (2.3 s for 1e7 cells in benchmarks/huge_pages.py).
+        # the collapse blocks once (results/huge_pages.json gives its seconds).
         self.embeddings = embeddings.float().contiguous()
         if self.embeddings.nbytes >= HUGE_PAGES_MIN_BYTES:
             back_with_huge_pages(self.embeddings)

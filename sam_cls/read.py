@@ -44,9 +44,8 @@ def candidate_scores(u: torch.Tensor, ids: torch.Tensor, memory: torch.Tensor) -
         cells = memory.index_select(0, ids.reshape(-1)).view(B, K, memory.shape[1])
         return torch.bmm(cells, u.unsqueeze(2)).squeeze(2)
     # A sampled matrix product (SDDMM): each (b, ids[b, k]) entry of u @ memory.T, dotted straight from the
-    # memory's rows. A gather into a buffer and a batched product read every cell twice: at B=128, K=257,
-    # d=128 on 2 CPU cores, with a CIFAR-10/conv1 run's memory and ids, 3.4 ms against 2.4 ms this way
-    # (benchmarks/hot_path.py). torch makes a non-contiguous memory contiguous first (a full copy a call):
+    # memory's rows. A gather into a buffer and a batched product read every cell twice, and took 1.4x as
+    # long on a CIFAR-10/conv1 run's memory (results/hot_path.json). torch makes a non-contiguous memory contiguous first (a full copy a call):
     # MemoryBank's cells are contiguous float32, which the CPU kernel also needs.
     lo, hi = torch.aminmax(ids)
     if lo < 0 or hi >= memory.shape[0]:  # the sparse kernel does not check its indices

@@ -1,93 +1,93 @@
-"""Using a trained run: reload its encoder, memory and index to evaluate, rebuild or inspect them."""
+"""Measuring and maintaining a trained run: test accuracy, index rebuilds and index recall."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from sam_cls.checkpoint import CheckpointError, RunDir, atomic_save, load_tensors
-from sam_cls.config import Config, ConfigError
+from sam_cls.classifier import MemoryClassifier
+from sam_cls.config import ConfigError
 from sam_cls.data import Dataset
-from sam_cls.evaluate import accuracy, encode_all
-from sam_cls.index import IndexParams, build_index, load_index, recall_at_k
-from sam_cls.memory import MemoryBank
-from sam_cls.model import Encoder
-from sam_cls.train import get_dataset, index_params, make_encoder, resolve_device
+from sam_cls.evaluate import classify, encode_all
+from sam_cls.index import IndexParams, build_index, recall_at_k
+from sam_cls.setup import get_dataset
 
 
-@dataclass
-class LoadedRun:
-    run: RunDir
-    cfg: Config
-    data: Dataset
-    encoder: Encoder
-    state: dict  # the checkpoint: the memory lives in it, so encoder and memory always come from one epoch
-    device: torch.device
-
-    def memory(self) -> MemoryBank:
-        memory = MemoryBank.from_state_dict(self.state["memory"], self.device)
-        if memory.size != len(self.data.train_y) or memory.dim != self.cfg.dim:
-            raise CheckpointError(f"{self.run.checkpoint} holds {memory.size} x {memory.dim} cells but the data set "
-                                  f"gives {len(self.data.train_y)} x {self.cfg.dim}: check --data-dir")
-        return memory
-
-    def index(self, memory: MemoryBank, params: IndexParams | None = None):
-        return load_index(self.run.index, params, expect_dim=memory.dim, expect_size=memory.size)
-
-
-def load_run(path: str, data_dir: str | None = None, device: str = "auto", log=print) -> LoadedRun:
-    """Config, data, encoder weights and memory of a finished run (weights_only loading: no code runs)."""
-    run = RunDir(path)
-    run.require_checkpoint()
-    cfg = run.load_config(**({"data_dir": data_dir} if data_dir else {}))
-    dev = resolve_device(device)
+def run_data(clf: MemoryClassifier, data_dir: str | None = None, log=print) -> Dataset:
+    """The run's data set (its test split is what evaluate and index-stats read), from data_dir if given."""
+    cfg = replace(clf.cfg, data_dir=data_dir) if data_dir else clf.cfg
     data = get_dataset(cfg, log)
-    encoder = make_encoder(cfg, data)
-    state = load_tensors(run.checkpoint, dev)
-    try:
-        encoder.load_state_dict(state["encoder"])
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{run.checkpoint} does not match encoder {cfg.encoder!r} with dim {cfg.dim}: {e}") from e
-    return LoadedRun(run, cfg, data, encoder.to(dev).eval(), state, dev)
+    if data.image_shape != clf.image_shape:
+        raise ConfigError(f"{cfg.data_dir} holds {data.image_shape} images but the run was trained on "
+                          f"{clf.image_shape}: check --data-dir")
+    return data
 
 
-def evaluate_run(loaded: LoadedRun, topk: int | None = None) -> dict:
-    """Test accuracy of the memory classifier (for a softmax-head run too: kNN over its embeddings)."""
-    cfg = loaded.cfg
-    topk = cfg.topk if topk is None else topk
-    memory = loaded.memory()
-    if not 0 <= topk <= memory.size:
-        raise ConfigError(f"--topk {topk} must be between 0 and the memory's {memory.size} cells")
-    index = loaded.index(memory, index_params(cfg, loaded.device)) if topk else None
-    acc = accuracy(loaded.encoder, loaded.data.test_x, loaded.data.test_y, memory, index, topk,
-                   loaded.data.num_classes, cfg.temperature, cfg.eval_batch_size)
-    return {"accuracy": round(acc, 3), "topk": topk, "n": len(loaded.data.test_y)}
+@torch.no_grad()
+def evaluate_run(clf: MemoryClassifier, data: Dataset, topk: int | None = None, plot: str | None = None) -> dict:
+    """Top-1 and top-5 test accuracy, per-class accuracy and the confusion matrix of the memory classifier."""
+    topk = clf.topk if topk is None else topk
+    if not 0 <= topk <= clf.memory.size:
+        raise ConfigError(f"--topk {topk} must be between 0 and the memory's {clf.memory.size} cells")
+    # The data set's labels name its own classes; the run's may have grown (sam-cls add): map them by name.
+    names = {name: i for i, name in enumerate(clf.classes)}
+    missing = [c for c in data.classes if c not in names]
+    if missing:
+        raise ConfigError(f"the test set's classes {missing} are not in the run's memory")
+    truth = torch.tensor([names[c] for c in data.classes])[data.test_y]
+    u = encode_all(clf.encoder, data.test_x, clf.cfg.eval_batch_size, desc="test")
+    log_probs = torch.cat([classify(u[i : i + 1024], clf.memory, clf.index, topk, len(clf.classes),
+                                    clf.cfg.temperature)[0].cpu() for i in range(0, len(u), 1024)])
+    ranked = log_probs.topk(min(5, len(clf.classes)), dim=1).indices
+    predicted = ranked[:, 0]
+    confusion = torch.zeros(len(clf.classes), len(clf.classes), dtype=torch.long)
+    confusion.index_put_((truth, predicted), torch.ones_like(truth), accumulate=True)
+    seen = confusion.sum(1)
+    per_class = {clf.classes[c]: round(100.0 * confusion[c, c].item() / seen[c].item(), 3)
+                 for c in range(len(clf.classes)) if seen[c] > 0}
+    if plot:
+        from sam_cls.plots import confusion_png
+
+        confusion_png(confusion, clf.classes, plot)
+    return {"accuracy": round(100.0 * (predicted == truth).float().mean().item(), 3),
+            "top5": round(100.0 * (ranked == truth[:, None]).any(1).float().mean().item(), 3),
+            "topk": topk, "n": len(truth), "per_class": per_class}
 
 
-def rebuild_run_index(loaded: LoadedRun, params: IndexParams, log=print) -> dict:
-    """Re-encode the support set, rebuild the index (any kind) and save both into the run."""
-    cfg = loaded.cfg
-    embeddings = encode_all(loaded.encoder, loaded.data.train_x.to(loaded.device), cfg.eval_batch_size, desc="memory")
-    k = max(cfg.topk, 1)
+def rebuild_run_index(clf: MemoryClassifier, params: IndexParams, log=print) -> dict:
+    """Rebuild the index (any kind) over the run's memory as saved, and commit it into the run."""
+    embeddings = clf.memory.embeddings
+    k = max(clf.cfg.topk, 1)
     start = time.perf_counter()
-    index = build_index(embeddings, params, k=k, log=log)
+    clf.index = build_index(embeddings, params, k=k, log=log)
     build_seconds = time.perf_counter() - start
     queries = embeddings[torch.randperm(len(embeddings), generator=torch.Generator().manual_seed(0))[:256]]
-    recall = recall_at_k(index, embeddings, queries, k)
-    index.save(loaded.run.index)
-    memory = MemoryBank(embeddings, loaded.data.train_y.to(embeddings.device))
-    memory.last_written.fill_(loaded.state["step"])
-    loaded.state["memory"] = {name: t.cpu() for name, t in memory.state_dict().items()}
-    atomic_save(loaded.state, loaded.run.checkpoint)
-    return {"ntotal": index.size, "dim": index.dim, "index": index.kind, "build_seconds": round(build_seconds, 3),
-            "recall_at_k": round(recall["recall_at_k"], 4), "k": k}
+    recall = recall_at_k(clf.index, embeddings, queries, k)
+    # A resumed run rebuilds its index from what this one learned, not from the old index's centroids.
+    learned = clf.index.learned()
+    clf.state = {k: v for k, v in clf.state.items() if k != "index_centroids"}
+    if learned is not None:
+        clf.state["index_centroids"] = learned
+    clf.save()
+    return {"ntotal": clf.index.size, "dim": clf.index.dim, "index": clf.index.kind,
+            "build_seconds": round(build_seconds, 3), "recall_at_k": round(recall["recall_at_k"], 4), "k": k}
 
 
-def index_stats(loaded: LoadedRun, topk: int | None = None, queries: int = 1000) -> dict:
+def index_stats(clf: MemoryClassifier, data: Dataset, topk: int | None = None, queries: int = 1000) -> dict:
     """Recall@K of the run's saved index against exact search, on queries from the run's test images."""
-    memory = loaded.memory()
-    index = loaded.index(memory, index_params(loaded.cfg, loaded.device))
-    k = min(topk or max(loaded.cfg.topk, 1), memory.size)
-    q = encode_all(loaded.encoder, loaded.data.test_x[:queries].to(loaded.device), loaded.cfg.eval_batch_size)
-    stats = recall_at_k(index, memory.embeddings, q, k)
+    k = min(topk or max(clf.cfg.topk, 1), clf.memory.size)
+    q = encode_all(clf.encoder, data.test_x[:queries], clf.cfg.eval_batch_size)
+    stats = recall_at_k(clf.index, clf.memory.embeddings, q, k)
+    index = clf.index
     return {"index": index.kind, "description": index.description, "ntotal": index.size, "dim": index.dim, **stats}
+
+
+def explain_picture(clf: MemoryClassifier, image, rows: list[dict], path: str | Path, log=print) -> None:
+    """The query beside the cells it read, each captioned with its label and softmax weight."""
+    from sam_cls.images import to_batch
+    from sam_cls.plots import neighbour_grid
+
+    query = to_batch(image, clf.image_shape)[0]
+    neighbours = clf.cell_images([row["cell"] for row in rows], log)
+    neighbour_grid(query, neighbours, [f"{row['label']}\nw {row['weight']:.2f}" for row in rows], path)

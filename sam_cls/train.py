@@ -1,4 +1,4 @@
-"""Training: encoder by backprop through sparse memory reads, memory by momentum writes, index by refresh."""
+"""Training: the encoder by backprop through memory reads, the memory by its mode's writes, the index by refresh."""
 
 import math
 import time
@@ -9,59 +9,19 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from sam_cls.checkpoint import CheckpointError, RunDir, atomic_save, load_tensors
+from sam_cls.checkpoint import CheckpointError, RunDir, check_resumable, load_tensors
 from sam_cls.config import Config, ConfigError
-from sam_cls.data import Dataset, SyntheticSpec, augment, load_dataset, split_validation
-from sam_cls.evaluate import accuracy, encode_all, head_accuracy
-from sam_cls.index import IndexParams, IndexRefresher
+from sam_cls.data import augment
+from sam_cls.evaluate import encode_all
+from sam_cls.index import IndexRefresher
 from sam_cls.memory import MemoryBank
-from sam_cls.model import Encoder, build_encoder
-from sam_cls.read import class_log_probs, dense_read, exclusion_mask, sparse_read
-
-# Options a resumed run may not change: they define what the checkpoint's tensors and optimizer state mean.
-STRUCTURAL = ("dataset", "validation", "encoder", "head", "dim", "synthetic_train", "synthetic_classes",
-              "synthetic_shape", "seed", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs")
+from sam_cls.model import calibrate_batchnorm
+from sam_cls.modes import lays_out_memory, make_mode
+from sam_cls.setup import get_dataset, index_params, make_encoder, resolve_device
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the message says what to change."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but torch sees no CUDA device: use --device cpu or auto")
-    return torch.device(name)
-
-
-def index_params(cfg: Config, device: torch.device) -> IndexParams:
-    return IndexParams(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, train_nprobe=cfg.train_nprobe,
-                       pq_m=cfg.pq_m, hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search, fp16=cfg.fp16, device=device.type)
-
-
-def get_dataset(cfg: Config, log) -> Dataset:
-    spec = SyntheticSpec(n_train=cfg.synthetic_train, n_test=cfg.synthetic_test, num_classes=cfg.synthetic_classes,
-                         shape=tuple(cfg.synthetic_shape), seed=cfg.seed)
-    data = load_dataset(cfg.dataset, cfg.data_dir, synthetic=spec, log=log)
-    # Choices made by looking at accuracy are made on a split of train; the test split stays unseen.
-    return split_validation(data, cfg.validation, cfg.seed) if cfg.validation else data
-
-
-def make_encoder(cfg: Config, data: Dataset) -> Encoder:
-    """The run's encoder (with a softmax head for the parametric baseline), sized for its data."""
-    return build_encoder(cfg.encoder, data.image_shape, cfg.dim, data.mean, data.std,
-                         data.num_classes if cfg.head == "softmax" else None)
-
-
-def fresh_run_dir(cfg: Config) -> Path:
-    """runs/<dataset>-<encoder>-k<K>, with -2, -3, ... appended rather than overwrite an earlier run."""
-    base = Path("runs") / f"{cfg.dataset}-{cfg.encoder}-k{cfg.topk}"
-    path, n = base, 1
-    while (path / "checkpoint.pt").exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
 
 
 class Trainer:
@@ -93,59 +53,46 @@ class Trainer:
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # crops and flips
         self.step, self.epoch = 0, 0
         self.pass_rng = self.perm_gen.get_state()  # the batch order of the current pass, to resume inside it
-        self.memory: MemoryBank | None = None
+        self.memory: MemoryBank | None = None  # encoded by prepare(), unless a checkpoint brought it
         self.refresher: IndexRefresher | None = None  # made by prepare(), over the memory
         self.resume_centroids: torch.Tensor | None = None  # a checkpoint's IVF centroids, for prepare()
 
-    def progress(self, step: int) -> float:
-        """Share of the run done after `step` steps: by steps, or by seconds where a time budget ends first."""
-        done = step / self.total_steps
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up then linear decay to zero over the run's progress: by steps, or by seconds where
+        --max-seconds ends first."""
+        total = self.total_steps
+        done = step / total
         if self.cfg.max_seconds:
             done = max(done, self.train_seconds / self.cfg.max_seconds)
-        return done
-
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up then linear decay to zero, over the run's progress: robust for few-epoch CPU runs."""
-        total = self.total_steps
         warmup = max(1, round(self.cfg.warmup_epochs * self.steps_per_epoch)) / total  # as a share of the run
-        done = self.progress(step)
         return min((done + 1 / total) / warmup, max(0.0, (1 - done) / max(1e-9, 1 - warmup)))
 
     def out_of_time(self) -> bool:
-        """Whether --max-seconds of training steps are spent."""
         return bool(self.cfg.max_seconds) and self.train_seconds >= self.cfg.max_seconds
 
-    # -- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         centroids = self.refresher.centroids() if self.refresher is not None else None
         return {
-            "format": 1,
-            "config": self.cfg.to_dict(),
-            "encoder": self.encoder.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
+            "format": 1, "config": self.cfg.to_dict(), "encoder": self.encoder.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "memory": self.memory.state_dict(),
             # An IVF index's coarse centroids: the next rebuild's k-means starts from them, so a resumed run
             # rebuilds this very index from them (no k-means) to continue as the uninterrupted run would.
             **({"index_centroids": centroids} if centroids is not None else {}),
-            "step": self.step,
-            "epoch": self.epoch,
-            "train_seconds": self.train_seconds,
+            # What using the run needs without its data set: class names and the input shape.
+            "data": {"name": self.cfg.dataset, "classes": list(self.data.classes),
+                     "image_shape": list(self.data.image_shape)},
+            "step": self.step, "epoch": self.epoch, "train_seconds": self.train_seconds,
             "device_type": self.device.type,
             "rng": {"torch": torch.get_rng_state(), "perm": self.perm_gen.get_state(), "pass": self.pass_rng,
                     "aug": self.aug_gen.get_state()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("config", {})
-        changed = [k for k in STRUCTURAL if k in saved and saved[k] != getattr(self.cfg, k)]
-        if changed:
-            raise CheckpointError(f"checkpoint was trained with {', '.join(f'{k}={saved[k]!r}' for k in changed)}; "
-                                  f"resume with the same values or start a new run with --out")
-        if state.get("device_type", self.device.type) != self.device.type:
-            # The crop generator's state is device-specific; a run continues where it was trained.
-            raise CheckpointError(f"checkpoint was trained on {state['device_type']}: resume it with --device "
-                                  f"{state['device_type']}")
+        check_resumable(state, self.cfg, self.device.type)
+        if state.get("edited"):
+            raise CheckpointError("the run's memory was changed by `sam-cls add` or `forget` since it trained, so "
+                                  "training cannot continue from it: train a new run with --out")
         try:
             self.encoder.load_state_dict(state["encoder"])
         except RuntimeError as e:
@@ -165,31 +112,9 @@ class Trainer:
         self.pass_rng = state["rng"].get("pass", self.pass_rng)
         self.aug_gen.set_state(state["rng"]["aug"])
 
-    # -- one step -----------------------------------------------------------------------------------------
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.train_x[idx]
-        if self.cfg.augment and self.data.natural:
-            x = augment(x, self.aug_gen)
-        return x
-
-    def log_probs(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The training read for the configured mode; the query's own cell never counts."""
-        cfg, mem, C = self.cfg, self.memory, self.data.num_classes
-        if cfg.support_sample:
-            # The seed's mode: M random support images re-encoded with gradients, dense softmax over them.
-            support = torch.randperm(len(self.train_y), generator=self.perm_gen)[: cfg.support_sample]
-            support = support.to(self.device)
-            s = self.encoder(self.batch(support))
-            scores = (u @ s.T / cfg.temperature).masked_fill(support[None, :] == idx[:, None], float("-inf"))
-            return class_log_probs(scores, self.train_y[support][None, :], C)
-        own = mem.rows[idx]  # the batch's own cells: the memory keeps them in its index's layout, not by example
-        if cfg.topk == 0:
-            return dense_read(u, mem.embeddings, mem.labels, C, cfg.temperature, exclude_ids=own)
-        # K + 1 candidates so that dropping the query's own cell still leaves K.
-        with record_function("search"):
-            _, ids = self.refresher.search(u.detach(), cfg.topk + 1)
-        ids = ids.to(self.device)
-        return sparse_read(u, ids, mem.embeddings, mem.labels, C, cfg.temperature, exclude=exclusion_mask(ids, own))
+        return augment(x, self.aug_gen) if self.cfg.augment and self.data.natural else x
 
     def diverged(self, value) -> TrainingError:
         cfg = self.cfg
@@ -198,7 +123,7 @@ class Trainer:
 
     def train_epoch(self, max_steps: int | None = None) -> dict:
         """The rest of the current pass over the training set (cut short by --max-seconds or `max_steps`)."""
-        cfg, n = self.cfg, len(self.train_y)
+        cfg, n, mode = self.cfg, len(self.train_y), self.mode
         self.encoder.train()
         first = self.step % self.steps_per_epoch  # > 0 only when a time budget cut the pass and a resume continues it
         if first == 0:
@@ -219,21 +144,12 @@ class Trainer:
             # Named phases, for torch.profiler (benchmarks/profile_step.py); free when no profiler runs.
             with record_function("batch"):
                 x = self.batch(idx)
-            if cfg.head == "softmax":
-                with record_function("encoder"):
-                    u, log_probs = None, F.log_softmax(self.encoder.logits(x), dim=1)
-            else:
-                with record_function("encoder"):
-                    u = self.encoder(x)
-                # Diverged weights show first as non-finite embeddings, which a faiss index cannot search:
-                # check before such a search (it syncs with the host anyway), and on the CPU (free). Other
-                # GPU steps leave the NaN to the loss check below (within 20 steps) rather than make the
-                # host wait for the GPU every step.
-                faiss_search = cfg.topk and not cfg.support_sample and not self.refresher.index.searches_non_finite
-                if (faiss_search or not u.is_cuda) and not torch.isfinite(u).all():
-                    raise self.diverged("nan")
-                with record_function("read"):
-                    log_probs = self.log_probs(u, idx)
+            with record_function("encoder"):
+                u = mode.embed(x)
+            if mode.checks_finite(u) and not torch.isfinite(u).all():
+                raise self.diverged("nan")
+            with record_function("read"):
+                log_probs = mode.log_probs(u, idx)
             loss = F.nll_loss(log_probs, self.train_y[idx])
             if i % 20 == 0:  # a host sync every step would stall a GPU; every 20 still catches a NaN early
                 value = loss.item()
@@ -251,12 +167,7 @@ class Trainer:
             loss_sum += loss.detach() * len(idx)
             seen += len(idx)
             self.step += 1
-            if u is not None and not cfg.support_sample:
-                with record_function("memory write"):
-                    self.memory.write(idx, u, cfg.eta, self.step)
-                if cfg.topk:  # the dense read needs no index
-                    with record_function("index refresh"):
-                        self.refresher.step(self.step)
+            mode.after_step(idx, u, self.step)
             self.train_seconds += self.clock() - step_start
             if self.out_of_time():
                 break
@@ -267,13 +178,12 @@ class Trainer:
         return {"train_loss": mean_loss, "train_acc": 100.0 * correct.item() / seen,
                 "images_per_s": seen / (time.perf_counter() - start)}
 
-    # -- the run ----------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Memory (encoded now, unless a checkpoint brought it) and the index over it: what a step reads."""
-        if self.memory is None:
-            self.calibrate_batchnorm()
-            self.memory = MemoryBank(self.encode_memory(), self.train_y)
+        """Memory (encoded now, unless a checkpoint brought it), the index over it, and the read mode."""
         cfg = self.cfg
+        if self.memory is None:
+            calibrate_batchnorm(self.encoder, self.train_x, cfg.batch_size)
+            self.memory = MemoryBank(self.encode_memory(), self.train_y)
         # "epoch" is served by the rebuild fit() forces before each evaluation.
         every = {"auto": "auto", "epoch": None}.get(cfg.rebuild_every, cfg.rebuild_every)
         every = every if every in ("auto", None) else int(every)
@@ -281,32 +191,9 @@ class Trainer:
                                         rebuild_every=every, staleness_threshold=cfg.staleness_threshold,
                                         background=cfg.background_rebuild, log=self.log, seed=cfg.seed,
                                         centroids=self.resume_centroids,
-                                        # The layout serves sparse reads; a dense or softmax run never makes one.
-                                        reorder=self.memory.reorder if cfg.topk and cfg.head == "memory" else None)
-        if cfg.train_nprobe and cfg.topk and self.refresher.train_nprobe is None:
-            self.log(f"--train-nprobe {cfg.train_nprobe} applies to IVF indices only: the "
-                     f"{self.refresher.index.kind} index searches in full")
-
-    @torch.no_grad()
-    def calibrate_batchnorm(self, images: int = 4096) -> None:
-        """Real-batch statistics in fresh BatchNorm layers, so the eval-mode memory looks like train-mode queries."""
-        # With a new network's running statistics (mean 0, variance 1) the first memory would be unlike the
-        # queries that read it, and the first epoch would learn against noise (CIFAR-10/cnn validation after
-        # one epoch: 40% without this, 62% with it).
-        norms = [m for m in self.encoder.modules() if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)]
-        if not norms:
-            return
-        stride = max(1, len(self.train_x) // images)  # spread over the set: some formats store it class by class
-        sample = self.train_x[::stride]
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the calibration batches
-        self.encoder.train()
-        for i in range(0, len(sample), self.cfg.batch_size):
-            self.encoder(sample[i : i + self.cfg.batch_size])
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
+                                        reorder=self.memory.reorder if lays_out_memory(cfg) else None)
+        self.mode = make_mode(cfg, self.encoder, self.memory, self.refresher, self.data.num_classes, self.train_y,
+                              self.batch, self.perm_gen)
 
     def refresh_memory(self) -> None:
         """Re-encode every cell with the current encoder (no augmentation): the memory evaluation reads."""
@@ -316,8 +203,7 @@ class Trainer:
         return encode_all(self.encoder, self.train_x, self.cfg.eval_batch_size, desc="memory")
 
     def save(self, run: RunDir) -> None:
-        self.refresher.index.save(run.index)
-        atomic_save(self.state_dict(), run.checkpoint)  # last: the checkpoint is the commit point
+        run.commit(self.state_dict(), self.refresher.index)
 
     def fit(self, run: RunDir) -> dict:
         cfg = self.cfg
@@ -330,12 +216,7 @@ class Trainer:
             self.epoch = self.step // self.steps_per_epoch  # whole passes; a time budget may cut the last one short
             self.refresh_memory()
             self.refresher.rebuild("evaluation")
-            if cfg.head == "softmax":
-                test_acc = head_accuracy(self.encoder, self.data.test_x, self.data.test_y, cfg.eval_batch_size)
-            else:
-                test_acc = accuracy(self.encoder, self.data.test_x, self.data.test_y, self.memory,
-                                    self.refresher.index, cfg.topk, self.data.num_classes, cfg.temperature,
-                                    cfg.eval_batch_size)
+            test_acc = self.mode.accuracy(self.data)
             record = {"epoch": round(self.step / self.steps_per_epoch, 4), "step": self.step,
                       "train_loss": round(epoch["train_loss"], 5), "train_acc": round(epoch["train_acc"], 3),
                       "test_acc": round(test_acc, 3), "images_per_s": round(epoch["images_per_s"], 1),
@@ -351,6 +232,16 @@ class Trainer:
         return {"test_acc": record.get("test_acc"), "epochs": record.get("epoch"),
                 "seconds": round(time.perf_counter() - run_start, 2), "run_dir": str(run.path),
                 "images_per_s": record.get("images_per_s")}
+
+
+def fresh_run_dir(cfg: Config) -> Path:
+    """runs/<dataset>-<encoder>-k<K>, with -2, -3, ... appended rather than overwrite an earlier run."""
+    base = Path("runs") / f"{cfg.dataset}-{cfg.encoder}-k{cfg.topk}"
+    path, n = base, 1
+    while (path / "checkpoint.pt").exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def train(cfg: Config, resume: bool = False, log=print) -> dict:

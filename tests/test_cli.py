@@ -68,7 +68,8 @@ def error_line(result) -> str:
 
 
 def test_bad_input_fails_with_one_clear_line(tmp_path):
-    assert "unknown dataset" in error_line(run("train", "--dataset", "imagenet", "--out", tmp_path / "x", ok=False))
+    line = error_line(run("train", "--dataset", "imagenet", "--out", tmp_path / "x", ok=False))
+    assert line.startswith("error: --dataset") and "'imagenet'" in line and "mnist-mini" in line
     assert "--encoder" in error_line(run("train", "--dataset", "synthetic", "--encoder", "vit",
                                          "--out", tmp_path / "y", ok=False))
     line = error_line(run("train", "--dataset", "synthetic", "--topk", "100000", "--out", tmp_path / "z", ok=False))
@@ -131,3 +132,15 @@ def test_train_nprobe_option_sets_the_training_search_depth(tmp_path):
     assert "nprobe=6" in result.output and "training reads nprobe=2" in result.output
     assert "train_nprobe: 2" in (out / "config.yaml").read_text()
     assert "--train-nprobe" in run("train", "--train-nprobe", "0", ok=False).output  # named in the error
+
+
+def test_default_data_set_trains_offline_without_data_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data folder anywhere: mnist-mini comes from inside the package
+    out = tmp_path / "run"
+    summary = last_json(run("train", "--epochs", "1", "--encoder", "linear", "--dim", "16", "--topk", "16",
+                            "--batch-size", "256", "--device", "cpu", "--out", out, "--json"))
+    assert summary["epochs"] == 1 and summary["test_acc"] > 60  # 10 digits: chance is 10%
+    assert "dataset: mnist-mini" in (out / "config.yaml").read_text()
+    evaluated = last_json(run("evaluate", "--run", out, "--json"))
+    assert evaluated["n"] == 1000 and evaluated["accuracy"] == pytest.approx(summary["test_acc"], abs=1e-6)
+    assert not (tmp_path / "data").exists()

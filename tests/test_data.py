@@ -270,3 +270,63 @@ def test_augment_on_cuda_matches_its_own_generator() -> None:
     x = _batch().cuda()
     out = augment(x, torch.Generator(device="cuda").manual_seed(0))
     assert out.is_cuda and torch.equal(out, augment(x, torch.Generator(device="cuda").manual_seed(0)))
+
+
+# ---------------------------------------------------------------- mnist-mini, the embedded default data set
+
+ASSETS = Path(data.__file__).parent / "assets"
+RAW_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
+
+
+def test_mnist_mini_ships_inside_the_package(tmp_path: Path) -> None:
+    from sam_cls.config import Config
+
+    assert Config().dataset == "mnist-mini" and "mnist-mini" in DATASETS
+    ds = load_dataset("mnist-mini", tmp_path / "nowhere", download=False)  # no --data-dir, no network
+    assert ds.name == "mnist-mini" and not ds.natural and ds.num_classes == 10 and ds.image_shape == (1, 28, 28)
+    assert ds.train_x.shape == (5000, 1, 28, 28) and ds.test_x.shape == (1000, 1, 28, 28)
+    assert ds.train_x.dtype == torch.uint8 and ds.train_y.dtype == torch.int64 and ds.train_x.is_contiguous()
+    assert torch.bincount(ds.train_y).tolist() == [500] * 10 and torch.bincount(ds.test_y).tolist() == [100] * 10
+    assert int(ds.train_x.max()) == 255 and 0.12 < float(ds.mean) < 0.14  # MNIST's own mean is 0.1307
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_mnist_mini_is_packaged_with_its_licence() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sam_cls"]
+    shipped = sorted((ASSETS / "mnist-mini").iterdir())
+    assert {f.name for f in shipped} >= {"train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "LICENSE.txt"}
+    for f in shipped:  # every file there goes into the wheel, so a non-editable install has the data set
+        assert any(f.relative_to(root / "sam_cls").match(g) for g in globs), f
+    assert sum(f.stat().st_size for f in shipped) < 2_000_000
+    licence = (ASSETS / "mnist-mini" / "LICENSE.txt").read_text()
+    assert all(name in licence for name in ("Yann LeCun", "Corinna Cortes", "Burges", "CC BY-SA 3.0"))
+
+
+@pytest.mark.skipif(not RAW_MNIST.is_dir(), reason=f"the full MNIST is not at {RAW_MNIST}")
+def test_mnist_mini_is_what_its_script_makes_from_mnist() -> None:
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_mnist_mini", ASSETS / "make_mnist_mini.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    made = {name: data.read_idx(gzip.decompress(blob)) for name, blob in script.build(RAW_MNIST).items()}
+    ds = load_dataset("mnist-mini")
+    assert np.array_equal(made["train-images-idx3-ubyte.gz"], ds.train_x[:, 0].numpy())
+    assert np.array_equal(made["t10k-labels-idx1-ubyte.gz"], ds.test_y.numpy())
+    # The first 500 of each digit, in MNIST's order: the subset starts as MNIST itself does.
+    full = data.read_idx((RAW_MNIST / "train-labels-idx1-ubyte").read_bytes())
+    assert np.array_equal(ds.train_y[:50].numpy(), full[:50])
+
+
+def test_read_idx_refuses_damaged_files() -> None:
+    header = bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3])
+    assert data.read_idx(header + bytes(range(6))).tolist() == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(DatasetError, match="truncated"):
+        data.read_idx(header + bytes(5))
+    with pytest.raises(DatasetError, match="magic"):
+        data.read_idx(bytes([0, 0, 13, 1, 0, 0, 0, 1, 0, 0, 0, 0]))  # type 0x0D: float, not uint8
+

@@ -127,12 +127,12 @@ def test_search_nprobe_narrows_one_call_and_never_deepens(kind, small):
 
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 def test_many_lists_find_their_lists_by_an_hnsw_quantizer(kind, small, monkeypatch, tmp_path):
-    from sam_cls.index import faiss_index
+    from sam_cls.index import factory
 
     x, q = small
     params = IndexParams(kind=kind, nlist=50, nprobe=8)
     scanned = build_index(x, params, k=10, seed=3)
-    monkeypatch.setattr(faiss_index, "HNSW_QUANTIZER_MIN_NLIST", 50)  # 50 lists count as many here
+    monkeypatch.setattr(factory, "HNSW_QUANTIZER_MIN_NLIST", 50)  # 50 lists count as many here
     graph = build_index(x, params, k=10, seed=3)
     quantizer = faiss.downcast_index(faiss.extract_index_ivf(graph.index).quantizer)
     assert graph.factory.startswith("IVF50_HNSW32,") and "HNSW" not in scanned.factory
@@ -152,10 +152,10 @@ def test_many_lists_find_their_lists_by_an_hnsw_quantizer(kind, small, monkeypat
 
 @pytest.mark.parametrize("kind,graph", [("ivf", False), ("ivfpq", False), ("ivfpq", True)])
 def test_an_ivf_index_rebuilds_from_its_centroids(kind, graph, small, monkeypatch):
-    from sam_cls.index import faiss_index
+    from sam_cls.index import factory
 
     if graph:  # an HNSW coarse quantizer takes the centroids too
-        monkeypatch.setattr(faiss_index, "HNSW_QUANTIZER_MIN_NLIST", 50)
+        monkeypatch.setattr(factory, "HNSW_QUANTIZER_MIN_NLIST", 50)
     x, q = small
     params = IndexParams(kind=kind, nlist=50)
     first = build_index(x, params, k=10, seed=3)
@@ -181,19 +181,19 @@ def test_an_ivf_index_rebuilds_from_its_centroids(kind, graph, small, monkeypatc
 
 
 def test_refresher_retrains_from_its_centroids(small, monkeypatch):
-    from sam_cls.index import refresh
+    from sam_cls.index.faiss_index import FaissIndex
 
     x, _ = small
     memory = x.clone()
     refresher = IndexRefresher(memory, IndexParams(kind="ivf", nlist=50), k=10, rebuild_every=None, seed=3)
     seen = []
-    real = refresh.build_index
+    real = FaissIndex.build.__func__
 
-    def build_and_record(*args, **kwargs):  # the real build; records what k-means was started from
+    def build_and_record(cls, *args, **kwargs):  # the real build; records what k-means was started from
         seen.append(kwargs.get("centroids"))
-        return real(*args, **kwargs)
+        return real(cls, *args, **kwargs)
 
-    monkeypatch.setattr(refresh, "build_index", build_and_record)
+    monkeypatch.setattr(FaissIndex, "build", classmethod(build_and_record))
     before = refresher.centroids()
     drift(memory, 0.3)
     refresher.rebuild("evaluation")
@@ -231,11 +231,12 @@ def test_refresher_reads_at_the_training_depth(small):
     x, q = small
     ivf = IndexRefresher(x, IndexParams(kind="ivf", nlist=50), k=40, rebuild_every=None)
     # ~4 candidates per k over lists of ~40 cells: 4 lists, raised to the floor of 8; evaluation scans 32+.
-    assert ivf.train_nprobe == default_train_nprobe(2000, 50, 40) == 8 < ivf.index.params.nprobe
+    assert ivf.index.train_nprobe == default_train_nprobe(2000, 50, 40) == 8 < ivf.index.params.nprobe
     assert torch.equal(ivf.search(q, 40)[1], ivf.index.search(q, 40, nprobe=8)[1])
     chosen = IndexRefresher(x, IndexParams(kind="ivf", nlist=50, train_nprobe=3), k=40, rebuild_every=None)
-    assert chosen.train_nprobe == 3
-    assert IndexRefresher(x, IndexParams(kind="flat"), k=40, rebuild_every=None).train_nprobe is None
+    assert chosen.index.train_nprobe == 3 and "training reads nprobe=3" in chosen.description
+    flat = IndexRefresher(x, IndexParams(kind="flat"), k=40, rebuild_every=None)
+    assert torch.equal(flat.search(q, 40)[1], exact_search(x, q, 40)[1])  # exact kinds search in full
     # CIFAR-10's memory: 50k cells in 894 lists, K + 1 = 257 -> 19 lists read in training, 74 in evaluation.
     assert (default_train_nprobe(50_000, 894, 257), default_nprobe(50_000, 894, 257)) == (19, 74)
 
@@ -263,14 +264,14 @@ def test_recall_at_256_default_knobs(kind, clustered):
     stats = recall_at_k(index, x, q, 256)
     print(f"{index.description}: recall@256 {stats['recall_at_k']:.4f}, {stats['search_ms']:.1f} ms")
     assert stats["recall_at_k"] >= 0.95
-    assert stats["k"] == 256 and stats["n_queries"] == 256 and stats["search_ms"] > 0
+    assert stats["k"] == 256 and stats["n_queries"] == 256
 
 
 def test_a_cpu_ivf_index_keeps_one_byte_a_dimension(clustered):
     x, _ = clustered
     index = build_index(x, IndexParams(kind="ivf"), k=256)
     assert faiss.extract_index_ivf(index.index).code_size == x.shape[1]  # 8-bit codes, not float32
-    assert index.factory.endswith(",SQ8")
+    assert len(faiss.serialize_index(index.index)) < x.numel() * 4 / 2  # the file too: not float32 lists
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -474,11 +475,18 @@ def _list_ids(index) -> list[torch.Tensor]:
             for i in range(il.nlist)]
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
-def test_a_list_ordered_index_stores_each_list_as_one_run_of_ids(small, kind):
+@pytest.mark.parametrize("kind,graph", [("ivf", False), ("ivfpq", False), ("ivf", True), ("ivfpq", True)])
+def test_a_list_ordered_index_stores_each_list_as_one_run_of_ids(small, kind, graph, monkeypatch):
+    # With an HNSW coarse quantizer the layout must assign each cell as faiss's own add does (same beam),
+    # or some ids land in other lists than the layout put them in and a list is no longer one run.
+    from sam_cls.index import factory
+
+    if graph:
+        monkeypatch.setattr(factory, "HNSW_QUANTIZER_MIN_NLIST", 16)
     x, q = small
     plain = build_index(x, IndexParams(kind=kind, nlist=20), k=10, seed=3)
     ordered = build_index(x, IndexParams(kind=kind, nlist=20, list_order=True), k=10, seed=3)
+    assert ("HNSW" in ordered.factory) == graph
     assert plain.layout is None and torch.equal(torch.sort(ordered.layout).values, torch.arange(len(x)))
     start = 0
     for ids in _list_ids(ordered):  # list by list: ids 0.. in the first list, and so on
@@ -528,21 +536,3 @@ def test_refresher_lays_the_memory_out_as_its_index(small, background):
     check()
     assert not torch.equal(bank.example_ids, first)  # new centroids, new lists: the rows moved again
     torch.testing.assert_close(bank.embeddings, drifted[bank.example_ids])
-
-
-def test_a_list_ordered_build_assigns_lists_with_the_beam_faiss_adds_with(small, monkeypatch):
-    from sam_cls.index import faiss_index
-
-    x, _ = small
-    monkeypatch.setattr(faiss_index, "HNSW_QUANTIZER_MIN_NLIST", 16)  # an HNSW coarse quantizer at 20 lists
-    beams, real = [], faiss_index._list_layout
-
-    def record(ivf, vectors):
-        beams.append(faiss.downcast_index(ivf.quantizer).hnsw.efSearch)
-        return real(ivf, vectors)
-
-    monkeypatch.setattr(faiss_index, "_list_layout", record)
-    index = build_index(x, IndexParams(kind="ivfpq", nlist=20, list_order=True), k=10, seed=3)
-    assert "HNSW" in index.factory
-    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index.index).quantizer)
-    assert beams == [quantizer.hnsw.efSearch] and beams[0] > 16  # not faiss's default 16

@@ -8,6 +8,7 @@ from datafiles import write_cifar10
 
 from sam_cls.checkpoint import RunDir, load_tensors
 from sam_cls.config import ConfigError, make_config
+from sam_cls.modes import DenseMemory, SparseMemory
 from sam_cls.read import dense_read
 from sam_cls.train import Trainer, TrainingError, train
 
@@ -60,9 +61,9 @@ def test_training_read_excludes_the_query_and_matches_the_dense_read(tmp_path, i
     trainer.cfg.temperature = 0.01
     trainer.refresher.rebuild("test")
     assert index["index"] == "flat" or not torch.equal(mem.rows, torch.arange(120))
-    sparse = trainer.log_probs(u, idx)
-    trainer.cfg.topk = 0
-    dense = trainer.log_probs(u, idx)
+    sparse = trainer.mode.log_probs(u, idx)
+    assert isinstance(trainer.mode, SparseMemory)
+    dense = DenseMemory(trainer.cfg, trainer.encoder, mem, trainer.refresher, 5).log_probs(u, idx)
     torch.testing.assert_close(sparse.exp(), dense.exp(), atol=2e-3, rtol=0)  # only the farthest cell differs
     with_own = dense_read(u, mem.embeddings, mem.labels, 5, trainer.cfg.temperature)
     # ...and the setup is sensitive: reading the own cell would move most rows by far more than that.
@@ -164,12 +165,17 @@ def test_a_resumed_cut_pass_finishes_the_same_batch_order(tmp_path, monkeypatch)
     assert torch.equal(torch.cat(seen[6:]).sort().values, torch.arange(600))
 
 
-def test_schedule_without_a_budget_is_warmup_then_linear_decay(tmp_path):
-    trainer = Trainer(config(tmp_path, epochs=3, warmup_epochs=0.5), log=quiet)
-    total, warmup = 30, 5  # 10 steps a pass, warm-up round(0.5 * 10)
-    for s in range(total + 1):
-        expected = min((s + 1) / warmup, max(0.0, (total - s) / (total - warmup)))
-        assert trainer.lr_factor(s) == pytest.approx(expected)
+def test_schedule_warms_up_to_the_peak_then_decays_linearly_to_zero(tmp_path):
+    trainer = Trainer(config(tmp_path, epochs=3, warmup_epochs=0.5), log=quiet)  # 10 steps a pass
+    factors = [trainer.lr_factor(s) for s in range(trainer.total_steps + 1)]
+    peak = [s for s, f in enumerate(factors) if f == pytest.approx(1.0)]  # the peak rate, for a step or two
+    assert peak and 0 < factors[0] < 0.5 and factors[-1] == 0.0
+    assert 0 < peak[0] and peak[-1] < trainer.total_steps // 2  # a short warm-up, then the long decay
+    rising, falling = torch.tensor(factors[: peak[0] + 1]).diff(), torch.tensor(factors[peak[-1] :]).diff()
+    assert (rising > 0).all() and (falling < 0).all()
+    # Linear: every step of the decay lowers the rate by the same amount, and so does every warm-up step.
+    torch.testing.assert_close(falling, falling.mean().expand_as(falling))
+    torch.testing.assert_close(rising, rising.mean().expand_as(rising))
 
 
 def test_schedule_runs_to_the_time_budget_when_it_ends_first(tmp_path):

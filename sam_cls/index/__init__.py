@@ -6,21 +6,18 @@ approximate index against exact search, and IndexRefresher keeps an index in ste
 
 from .auto import build_index, choose_kind, load_index
 from .base import MemoryIndex
-from .faiss_index import FaissIndex
 from .params import INDEX_KINDS, IndexParams
 from .recall import recall_at_k
 from .refresh import IndexRefresher
 from .store import IndexMismatchError
-from .torch_exact import TorchExactIndex, exact_search
+from .torch_exact import exact_search
 
 __all__ = [
     "INDEX_KINDS",
-    "FaissIndex",
     "IndexMismatchError",
     "IndexParams",
     "IndexRefresher",
     "MemoryIndex",
-    "TorchExactIndex",
     "build_index",
     "choose_kind",
     "exact_search",

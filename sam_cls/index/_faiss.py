@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch  # before faiss: see OPENMP_NOT_SHARED
@@ -18,9 +19,8 @@ except ImportError:  # the torch exact back-end still works without faiss
 
 # torch loads its libgomp globally, so a faiss imported after it binds its OpenMP calls to that one runtime
 # and one pool of threads serves both. A faiss imported first keeps its own: two pools then contend for the
-# cores and spin-wait against each other, and the torch work between searches slows down
-# (benchmarks/scaling.py --sizes 1e4, ivfpq, 2 cores, minutes apart: 24.3 and 24.6 ms a step that way, 18.2 to
-# 20.7 ms torch first).
+# cores and spin-wait against each other, and the torch work between searches slows down (a training step
+# about a quarter slower; docs/PERFORMANCE.md).
 OPENMP_NOT_SHARED = (
     "faiss does not share torch's OpenMP runtime (usually because faiss was imported before torch), so two "
     "thread pools contend for the CPU (a CPU training step measured ~1.25x slower): import torch (or sam_cls) "
@@ -71,6 +71,18 @@ def has_faiss() -> bool:
 def has_faiss_gpu() -> bool:
     """True when faiss was built with GPU support and a CUDA device is visible."""
     return faiss is not None and hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available()
+
+
+@contextmanager
+def omp_threads(n: int):
+    """Run faiss with n OpenMP threads in this thread only (OpenMP thread counts are per calling thread)."""
+    faiss = require_faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def gpu_resources(device: int):

@@ -10,18 +10,19 @@ import torch
 
 from ._faiss import GPU_MAX_K, has_faiss, has_faiss_gpu, require_faiss
 from .base import METRIC, MemoryIndex, check_vectors
-from .faiss_index import FAISS_KINDS, FaissIndex, faiss_from_bytes
-from .params import WARM_KMEANS_ITERATIONS, IndexParams
+from .factory import FAISS_KINDS
+from .faiss_index import FaissIndex, faiss_from_bytes
+from .params import IVF_KINDS, WARM_KMEANS_ITERATIONS, IndexParams
 from .store import REBUILD_HINT, IndexMismatchError, check_header, read_index_file
 from .torch_exact import TorchExactIndex
 
-# Up to here exact search is cheap on a CPU and needs no training. Beyond, IVF wins: at N=6e4, d=128,
-# 256 queries, k=257 on 2 cores, Flat took 123 ms and IVF (default nprobe, recall ~0.99) 25 ms.
+# Up to here exact search is cheap on a CPU and needs no training. Beyond, IVF wins: at 6e4 cells a flat
+# scan took several times IVF's search at recall ~0.99 (docs/INDEX.md).
 FLAT_MAX_CELLS = 20_000
 # From here on a CPU memory gets ivfpq: with lists of ~sqrt(N)/4 cells, its 4-bit fast-scan and short SQ8
-# re-rank beat ivf's scan of 8-bit codes (benchmarks/scaling.py, a training step at K=256 on 2 CPU cores:
-# 44.0 against 55.4 ms at N=1e7; 30.8 against 29.7 at 1e6). Both keep the float32 memory beside the index,
-# and ivf's 8-bit codes take fewer bytes than ivfpq's PQ codes and re-rank codes, so size does not decide.
+# re-rank beat ivf's scan of 8-bit codes at 1e7 cells and tie at 1e6 (a training step at K=256 on 2 CPU cores;
+# results/scaling.json). Both keep the float32 memory beside the index, and ivf's 8-bit codes take fewer
+# bytes than ivfpq's PQ codes and re-rank codes, so size does not decide.
 IVFPQ_MIN_CELLS = 3_000_000
 # Approximate search pays only when k is a small share of N: IVF/HNSW would otherwise scan most of it.
 APPROX_MIN_CELLS_PER_K = 64
@@ -71,6 +72,8 @@ def build_index(
         kind, why = choose_kind(n, d, k, params.device)
         if log:
             log(f"index auto -> {kind}: {why}")
+    if params.train_nprobe and kind not in IVF_KINDS and log:
+        log(f"--train-nprobe {params.train_nprobe} applies to IVF indices only: the {kind} index searches in full")
     if kind == "torch":
         return TorchExactIndex(vectors, params.device)
     require_faiss()

@@ -14,16 +14,15 @@ METRIC = "inner_product"
 
 
 class MemoryIndex(ABC):
-    """Top-k inner-product search over N memory cells of dimension d, plus cheap refresh and save."""
+    """Top-k inner-product search over N memory cells of dimension d, kept in step with them and saved."""
 
     kind: str  # resolved kind: "flat", "ivf", "ivfpq", "hnsw" or "torch"
     description: str  # factory string and knobs, for logs
+    exact: bool = False  # returns the exact top-k: its recall needs no measuring
+    trains: bool = False  # learns from the cells (IVF k-means), so a rebuild may retrain it
     # True where a search of non-finite queries returns (meaningless) ids instead of failing, so a trainer
     # on a GPU need not stall it every step to check its queries first.
     searches_non_finite: bool = False
-    # After a build or refresh with params.list_order: id i is row layout[i] of the vectors given, so the
-    # memory must apply the same order (MemoryBank.reorder). None: ids are the vectors' own rows.
-    layout: torch.Tensor | None = None
 
     @property
     @abstractmethod
@@ -33,13 +32,11 @@ class MemoryIndex(ABC):
     @abstractmethod
     def dim(self) -> int: ...
 
-    def search(
-        self, queries: torch.Tensor, k: int, nprobe: int | None = None, k_factor: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B, k) float32 and ids (B, k) int64 on the queries' device, best first.
 
-        nprobe (IVF kinds) and k_factor (ivfpq's re-rank) narrow the search for this call only, never
-        deepen it: a training read needs less than an evaluation. Other kinds search as they are.
+        training=True lets a back-end search shallower (a training read needs only the cells that carry its
+        softmax; see params.py); exact back-ends search as they are.
         """
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}), got {tuple(queries.shape)}")
@@ -49,50 +46,51 @@ class MemoryIndex(ABC):
             empty = torch.empty(0, k, device=queries.device)
             return empty, empty.long()
         # detach(): faiss's torch bridge rejects Tensor subclasses such as nn.Parameter.
-        return self._search(queries.detach().float().contiguous(), k, nprobe, k_factor)
+        return self._search(queries.detach().float().contiguous(), k, training)
 
     @abstractmethod
-    def _search(
-        self, queries: torch.Tensor, k: int, nprobe: int | None, k_factor: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def _search(self, queries: torch.Tensor, k: int, training: bool) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def add(self, vectors: torch.Tensor) -> None:
+        """Append cells: their ids continue from the current size (the memory's rows appended to)."""
 
     @abstractmethod
     def refresh(self, vectors: torch.Tensor) -> None:
-        """Re-index the same N cells with new values, reusing whatever training the index has."""
+        """Re-index the cells with new values (N may change), in place, reusing whatever training it has."""
 
     @abstractmethod
-    def rebuilder(self) -> Callable[[torch.Tensor], MemoryIndex]:
-        """A function that indexes new values with this index's kind, training and knobs.
+    def rebuilder(self, retrain: bool = False, warm: bool = True) -> Callable[[torch.Tensor], MemoryIndex]:
+        """A function that indexes new values with this index's kind and knobs (retrained where asked and
+        the kind trains; warm: from what this one learned).
 
-        It does not touch this index, so a worker thread can build the next index while this one serves
-        searches; what it returns is still on the CPU (for faiss) until place() is called.
+        It reads nothing of this index when called, so a worker thread can build the next index while this
+        one serves searches.
         """
 
-    def save(self, path: str | Path) -> None:
-        """Write the index with kind/metric/dim/size metadata so a later load can verify it."""
+    def take_layout(self) -> torch.Tensor | None:
+        """The row order the last build or refresh filled the cells in (id i is row layout[i] of the vectors
+        given), once: the memory must move its rows to match (MemoryBank.reorder). None: ids are rows."""
+        return None
+
+    def learned(self) -> torch.Tensor | None:
+        """What the index learned from the cells (IVF's coarse centroids): a checkpoint keeps it, so a resumed
+        run rebuilds this very index. None for kinds that learn nothing."""
+        return None
+
+    def save(self, path: str | Path) -> dict:
+        """Write the index with kind/metric/dim/size metadata so a later load can verify it; returns that."""
         backend, payload = self._payload()
-        write_index_file(path, {**self.header(), "backend": backend}, payload)
+        return write_index_file(path, {**self.header(), "backend": backend}, payload)
 
     def header(self) -> dict:
         """The metadata saved with the index and checked by load_index."""
-        return {
-            "kind": self.kind,
-            "metric": METRIC,
-            "dim": self.dim,
-            "size": self.size,
-            "description": self.description,
-        }
+        return {"kind": self.kind, "metric": METRIC, "dim": self.dim, "size": self.size,
+                "description": self.description}
 
     @abstractmethod
     def _payload(self) -> tuple[str, object]:
         """(backend name, buffer) for save: the serialized CPU form of the index."""
-
-    def centroids(self) -> torch.Tensor | None:
-        """An IVF index's coarse centroids, which a retrain starts k-means from; None for other kinds."""
-        return None
-
-    def place(self) -> None:
-        """Move to the target device where that was deferred (see rebuilder); a no-op by default."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description}, size={self.size}, dim={self.dim})"

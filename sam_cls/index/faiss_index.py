@@ -9,100 +9,43 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ._faiss import GPU_MAX_K, GPU_MAX_NPROBE, gpu_resources, has_faiss_gpu, require_faiss
+from ._faiss import GPU_MAX_K, GPU_MAX_NPROBE, omp_threads, require_faiss
 from .base import MemoryIndex, check_vectors
+from .factory import factory_string
+from .gpu import hnsw_quantizer, to_gpu, why_not_on_gpu
+from .layout import add_in_lists, list_layout
 from .params import (
     HNSW_EF_CONSTRUCTION,
     HNSW_M,
-    HNSW_QUANTIZER_MIN_NLIST,
     IVF_KINDS,
     REFINE_K_FACTOR,
     TRAIN_POINTS_PER_LIST,
+    TRAIN_REFINE_K_FACTOR,
     WARM_KMEANS_ITERATIONS,
     IndexParams,
     default_ef_search,
-    default_nlist,
     default_nprobe,
-    default_pq_m,
+    default_train_nprobe,
     quantizer_ef_search,
 )
 
-FAISS_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
-# Faiss GPU has no HNSW, and no fast-scan PQ or refine stage, so these stay on the CPU.
-CPU_ONLY_KINDS = ("hnsw", "ivfpq")
-
-
-@contextmanager
-def omp_threads(n: int):
-    """Run faiss with n OpenMP threads in this thread only (OpenMP thread counts are per calling thread)."""
-    faiss = require_faiss()
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
-def factory_string(kind: str, n: int, d: int, k: int, params: IndexParams) -> str:
-    """The index_factory string for a kind, with N/d/k-derived defaults for unset knobs."""
-    if kind == "flat":
-        return "Flat"
-    if kind == "hnsw":
-        return f"HNSW{params.hnsw_m or HNSW_M},Flat"
-    nlist = params.nlist or default_nlist(n)
-    if nlist > n:
-        raise ValueError(
-            f"nlist={nlist} is more than the {n} cells to index: lower nlist (default {default_nlist(n)})"
-        )
-    ivf = f"IVF{nlist}"
-    on_faiss_gpu = kind == "ivf" and params.cuda and has_faiss_gpu()  # the one kind faiss-gpu holds here
-    # Many lists: find a query's nearest centroids by HNSW, not a scan of all of them. A faiss GPU index
-    # scans its centroids fast and wants a flat quantizer, so an ivf index bound for one (faiss-gpu) keeps it.
-    if nlist >= HNSW_QUANTIZER_MIN_NLIST and not on_faiss_gpu:
-        ivf += f"_HNSW{HNSW_M}"
-    if kind == "ivf":
-        # Candidates are ranked by 8-bit codes of each cell's residual to its centroid; the read scores
-        # them from the float32 memory, so the codes choose the K cells and never set their weights. On
-        # CIFAR-10/conv1's trained memory (N=5e4, nlist 894, k=257, 2 CPU cores; benchmarks/hot_path.py) a
-        # training search of 128 queries right after the encoder's step took 5.5 ms against 7.3 ms with
-        # float32 lists, recall@257 0.754 either way (nprobe 19); at nprobe 74, 10.1 against 14.5 ms for
-        # recall 0.968 against 0.970. The lists take a quarter the bytes.
-        # An index bound for a faiss GPU keeps float32 lists (--fp16 halves them), the form measured there.
-        return f"{ivf},Flat" if on_faiss_gpu else f"{ivf},SQ8"
-    if kind == "ivfpq":
-        m = params.pq_m or default_pq_m(d)
-        if d % m:
-            raise ValueError(f"pq_m={m} must divide the embedding dimension {d} (default {default_pq_m(d)})")
-        if n < 16:
-            raise ValueError(
-                f"ivfpq needs at least 16 cells to train its 4-bit codebooks, got {n}: use kind='flat'"
-            )
-        # 4-bit fast-scan PQ ranks candidates; the SQ8 codes (d bytes a cell) re-rank k_factor*k of them.
-        # Chosen over 8-bit PQ alone (recall@256 0.92-0.96 at N=2e4, d=64, and 20-40 s to train) and over an
-        # SQ4 refine (0.94): this reaches the IVF recall ceiling and trains in well under a second.
-        return f"{ivf},PQ{m}x4fs,Refine(SQ8)"
-    raise ValueError(f"not a faiss index kind: {kind!r}")
-
 
 class FaissIndex(MemoryIndex):
-    """A faiss index over the memory cells, inner-product metric, searched with torch tensors."""
+    """A faiss index over the memory cells, inner-product metric, searched with torch tensors.
 
-    def __init__(
-        self,
-        cpu_index,
-        kind: str,
-        params: IndexParams,
-        factory: str,
-        k: int | None = None,
-        template=None,
-        log: Callable[[str], None] | None = None,
-        place: bool = True,
-    ):
+    IVF kinds also search at a training depth (fewer lists, a lighter ivfpq re-rank), lay their cells out
+    list by list where params ask (`layout`), and keep their coarse centroids for warm retrains and resumes.
+    An index bound for a GPU moves there at its first search or add, in the thread that searches it.
+    """
+
+    def __init__(self, cpu_index, kind: str, params: IndexParams, factory: str, k: int | None = None,
+                 template=None, log: Callable[[str], None] | None = None, seed: int = 0):
         self.faiss = require_faiss()
-        self.kind, self.params, self.factory, self.k = kind, params, factory, k
+        self.kind, self.factory, self.k, self.seed = kind, factory, k, seed
         self.index = cpu_index
-        self.on_gpu = False
+        self.on_gpu, self._placed = False, False
+        self.trains = kind in IVF_KINDS
+        self.exact = kind == "flat" and not params.fp16
         # Serialized trained-but-empty CPU index: new values are re-added to it without re-training.
         self._template = template
         self._log = log
@@ -116,8 +59,6 @@ class FaissIndex(MemoryIndex):
         else:
             self.params = replace(params, kind=kind)
         self._describe()
-        if place:
-            self.place()
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -129,7 +70,6 @@ class FaissIndex(MemoryIndex):
         k: int,
         log: Callable[[str], None] | None = None,
         seed: int = 0,
-        place: bool = True,
         centroids: torch.Tensor | None = None,
         kmeans_iterations: int = WARM_KMEANS_ITERATIONS,
     ) -> FaissIndex:
@@ -146,6 +86,7 @@ class FaissIndex(MemoryIndex):
         n, d = x.shape
         factory = factory_string(kind, n, d, k, params)
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        layout = lists = None
         if kind in IVF_KINDS:
             ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
             ivf.cp.seed = seed  # faiss k-means has its own RNG: seed it for reproducible lists
@@ -176,7 +117,7 @@ class FaissIndex(MemoryIndex):
             _set_nprobe(ivf, params.nprobe or default_nprobe(n, ivf.nlist, k))
             # Trained in the layout it is filled in: a rebuild from the memory laid out this way (a resumed
             # run's) then draws the same training sample and repeats this index exactly.
-            x, layout, lists = _list_layout(ivf, x) if params.lays_out_lists else (x, None, None)
+            x, layout, lists = list_layout(ivf, x) if params.lays_out_lists else (x, None, None)
             # ivfpq's PQ codebooks are thousands of tiny k-means steps: barrier-bound, and 50x slower on 2
             # threads than on 1 when another process holds a core; one thread costs < 1 s. ivf's SQ8 ranges
             # are one assignment pass and a min/max, which all threads share.
@@ -188,13 +129,8 @@ class FaissIndex(MemoryIndex):
                 raise ValueError(f"ef_search={index.hnsw.efSearch} must be >= k={k} for an hnsw index")
             index.hnsw.efConstruction = max(HNSW_EF_CONSTRUCTION, params.hnsw_m or HNSW_M)
         template = faiss.serialize_index(index)  # trained and empty: what refreshes re-add to
-        built = cls(index, kind, params, factory, k, template, log, place=False)
-        if kind in IVF_KINDS:
-            built._fill(x, layout, lists)
-        else:
-            built.add(x)
-        if place:
-            built.place()
+        built = cls(index, kind, params, factory, k, template, log, seed)
+        built._fill(x, layout, lists)
         return built
 
     def centroids(self) -> torch.Tensor | None:
@@ -205,39 +141,29 @@ class FaissIndex(MemoryIndex):
         cpu = self.faiss.deserialize_index(self._template_bytes()) if self.on_gpu else self.index
         return self.faiss.extract_index_ivf(cpu).quantizer.reconstruct_n(0, self.nlist)
 
+    learned = centroids  # what the interface calls it: what this index learned from the cells
+
     def add(self, x: torch.Tensor) -> None:
         """Append cells; a GPU index takes CPU or same-device tensors directly."""
+        self._place()
+        x = check_vectors(x)
         self.index.add(x if self.on_gpu else x.cpu())
         self._describe()
 
-    def place(self) -> None:
-        """Move to the GPU that params.device names when faiss can; else stay on the CPU and say why."""
-        if self.on_gpu or not self.params.cuda:
+    def _place(self) -> None:
+        """Once: move to the GPU that params.device names when faiss can; else stay on the CPU and say why."""
+        if self._placed:
             return
-        nprobe = self._get("nprobe") if self.kind in IVF_KINDS else 0
-        why = None
-        if not has_faiss_gpu():
-            why = "this faiss build has no GPU support (install faiss-gpu, or use kind='torch')"
-        elif self.kind in CPU_ONLY_KINDS:
-            why = f"faiss has no GPU form of the {self.kind} index {self.factory}"
-        elif self.k is not None and self.k > GPU_MAX_K:
-            why = f"k={self.k} is above the faiss GPU limit {GPU_MAX_K}"
-        elif nprobe > GPU_MAX_NPROBE:
-            why = f"nprobe={nprobe} is above the faiss GPU limit {GPU_MAX_NPROBE}"
-        elif self.kind in IVF_KINDS and _hnsw_quantizer(self.faiss.extract_index_ivf(self.index)) is not None:
-            why = (f"faiss GPU indices scan their centroids and cannot clone the HNSW quantizer of {self.factory} "
-                   "(built for the CPU): rebuild it for the GPU with `sam-cls rebuild-index --device cuda`")
+        self._placed = True
+        if not self.params.cuda:
+            return
+        why = why_not_on_gpu(self.index, self.kind, self.factory, self.k)
         if why:
             if self._log:
                 self._log(f"index stays on the CPU: {why}; queries are copied over and results back")
             return
-        faiss = self.faiss
-        options = faiss.GpuClonerOptions()
-        options.useFloat16 = self.params.fp16
-        device = torch.device(self.params.device)
-        gpu = device.index if device.index is not None else torch.cuda.current_device()
-        self.index = faiss.index_cpu_to_gpu(gpu_resources(gpu), gpu, self.index, options)
-        self.on_gpu, self.gpu_device = True, torch.device("cuda", gpu)
+        self.index, self.gpu_device = to_gpu(self.index, self.params)
+        self.on_gpu = True
         self._describe()
 
     # -- the MemoryIndex interface --------------------------------------------------------------------
@@ -258,19 +184,40 @@ class FaissIndex(MemoryIndex):
     def metric(self) -> int:
         return int(self.index.metric_type)
 
-    def _search(
-        self, queries: torch.Tensor, k: int, nprobe: int | None, k_factor: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def train_nprobe(self) -> int | None:
+        """IVF lists a training read scans: params.train_nprobe, else a shallow default (see params.py)."""
+        if self.kind not in IVF_KINDS:
+            return None
+        k = self.k or 1
+        wanted = self.params.train_nprobe or default_train_nprobe(self.size, self.nlist, k)
+        return min(wanted, self.params.nprobe)  # a search is narrowed, never deepened
+
+    @property
+    def train_k_factor(self) -> float | None:
+        """ivfpq's re-rank depth for a training read: TRAIN_REFINE_K_FACTOR, or the index's own if lower."""
+        if self.kind != "ivfpq":
+            return None
+        return min(TRAIN_REFINE_K_FACTOR, self.index.k_factor)
+
+    def search(self, queries: torch.Tensor, k: int, training: bool = False, nprobe: int | None = None,
+               k_factor: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As MemoryIndex.search; nprobe (IVF kinds) and k_factor (ivfpq's re-rank) narrow this call only,
+        never deepen it, and training=True narrows to the training depth."""
+        self._place()  # first: a GPU copy takes the index's own depth, not this call's
+        if training:
+            nprobe, k_factor = nprobe or self.train_nprobe, k_factor or self.train_k_factor
         narrower = {
             knob: value
             for knob, value, kinds in (("nprobe", nprobe, IVF_KINDS), ("k_factor", k_factor, ("ivfpq",)))
             if value is not None and self.kind in kinds and value < self._get(knob)
         }
-        if narrower:
-            with ExitStack() as knobs:  # this call only: the index keeps its own depth
-                for knob, value in narrower.items():
-                    knobs.enter_context(self._knob(knob, value))
-                return self._search(queries, k, None, None)
+        with ExitStack() as knobs:  # this call only: the index keeps its own depth
+            for knob, value in narrower.items():
+                knobs.enter_context(self._knob(knob, value))
+            return super().search(queries, k)
+
+    def _search(self, queries: torch.Tensor, k: int, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.on_gpu:
             if k > GPU_MAX_K:
                 raise ValueError(
@@ -291,36 +238,40 @@ class FaissIndex(MemoryIndex):
 
     def refresh(self, vectors: torch.Tensor) -> None:
         """Empty the index and re-add: IVF kinds keep their trained coarse quantizer and codebooks."""
-        x = check_vectors(vectors)
+        x = check_vectors(vectors).cpu()
         self.index.reset()
         if self.kind in IVF_KINDS and self.params.lays_out_lists:
-            self._fill(*_list_layout(self.faiss.extract_index_ivf(self.index), x.cpu()))
+            self._fill(*list_layout(self.faiss.extract_index_ivf(self.index), x))
         else:
-            self.layout = None
-            self.add(x)
+            self._fill(x, None, None)
 
     def _fill(self, x: torch.Tensor, layout: torch.Tensor | None, lists: torch.Tensor | None) -> None:
-        """Add every cell to the empty IVF index: x already in `layout` order, with its rows' `lists`."""
+        """Add every cell to the empty index: x already in `layout` order, with its rows' IVF `lists`."""
         self.layout = layout
-        if lists is not None and self.kind == "ivf":
-            # The lists are known: skip faiss's second assignment of every cell (most of an add at 1e7).
-            # Not for ivfpq: faiss's fast-scan lists pack their codes only through the ordinary add.
-            from faiss.contrib.ivf_tools import add_preassigned
-
-            add_preassigned(self.faiss.extract_index_ivf(self.index), x.numpy(), lists.numpy())
-            self._describe()
-        else:
+        if lists is None:
             self.add(x)
+        else:
+            add_in_lists(self.index, self.kind, x, lists)
+            self._describe()
 
-    def rebuilder(self) -> Callable[[torch.Tensor], FaissIndex]:
-        """A function indexing new values with this training and these knobs; safe in a worker thread."""
+    def take_layout(self) -> torch.Tensor | None:
+        layout, self.layout = self.layout, None
+        return layout
+
+    def rebuilder(self, retrain: bool = False, warm: bool = True) -> Callable[[torch.Tensor], FaissIndex]:
+        """A function indexing new values with this kind and these knobs; safe in a worker thread.
+
+        retrain re-runs an IVF kind's k-means, from this index's centroids where warm; otherwise the new
+        index re-adds to this one's trained quantizer and codebooks.
+        """
+        kind, params, factory, k, log, seed = self.kind, self.params, self.factory, self.k, self._log, self.seed
+        if retrain and self.trains:
+            centroids = self.centroids() if warm else None
+            return lambda vectors: FaissIndex.build(vectors, kind, params, k, log, seed=seed, centroids=centroids)
         faiss, template = self.faiss, self._template_bytes()
-        kind, params, factory, k, log = self.kind, self.params, self.factory, self.k, self._log
 
         def make(vectors: torch.Tensor) -> FaissIndex:
-            new = FaissIndex(
-                faiss.deserialize_index(template), kind, params, factory, k, template, log, place=False
-            )
+            new = FaissIndex(faiss.deserialize_index(template), kind, params, factory, k, template, log, seed)
             new.refresh(vectors)  # an empty index: the same list-by-list fill as a refresh
             return new
 
@@ -409,29 +360,19 @@ class FaissIndex(MemoryIndex):
             knobs = f" nprobe={self._get('nprobe')}"
             if self.kind == "ivfpq" and not self.on_gpu and hasattr(self.index, "k_factor"):
                 knobs += f" k_factor={int(self.index.k_factor)}"
+            if self.size and self.k:  # the depth a training read searches at (see train_nprobe)
+                knobs += f", training reads nprobe={self.train_nprobe}"
+                knobs += f" k_factor={self.train_k_factor:g}" if self.train_k_factor else ""
         elif self.kind == "hnsw":
             knobs = f" efConstruction={self.index.hnsw.efConstruction} efSearch={self._get('efSearch')}"
         where = f"{self.gpu_device}{', fp16' if self.params.fp16 else ''}" if self.on_gpu else "cpu"
         self.description = f"faiss {self.factory} inner-product{knobs} ({where})"
 
 
-def _list_layout(ivf, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x[layout], layout, lists): the rows of x list by list (stable: rows in order stay put), and their lists."""
-    _, lists = ivf.quantizer.search(x, 1)  # each cell's list, as faiss's own add would assign it
-    layout = torch.sort(lists[:, 0], stable=True).indices
-    return x[layout], layout, lists[layout, 0].contiguous()
-
-
-def _hnsw_quantizer(ivf):
-    """The HNSW coarse quantizer of a CPU IVF index, or None for a flat one."""
-    quantizer = require_faiss().downcast_index(ivf.quantizer)
-    return quantizer if hasattr(quantizer, "hnsw") else None
-
-
 def _set_nprobe(ivf, nprobe: int) -> None:
     """The probe depth of a CPU IVF index, and an HNSW quantizer's beam, always derived from it."""
     ivf.nprobe = min(nprobe, ivf.nlist)
-    quantizer = _hnsw_quantizer(ivf)
+    quantizer = hnsw_quantizer(ivf)
     if quantizer is not None:
         quantizer.hnsw.efSearch = quantizer_ef_search(ivf.nprobe)
 
@@ -440,4 +381,4 @@ def faiss_from_bytes(payload, kind: str, params: IndexParams, factory: str, log=
     """Rebuild a FaissIndex from its serialized CPU form (placed on params.device when possible)."""
     faiss = require_faiss()
     cpu = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
-    return FaissIndex(cpu, kind, params, factory, None, None, log)
+    return FaissIndex(cpu, kind, params, factory, log=log)

@@ -17,32 +17,28 @@ MIN_POINTS_PER_LIST = 39
 WARM_KMEANS_ITERATIONS = 3
 # IVF training subsamples to this many points per list: good centroids, and cheap k-means at N=1e6+.
 TRAIN_POINTS_PER_LIST = 64
-# IVF lists scanned hold about this many times k candidates, and at least MIN_NPROBE lists. Measured
-# recall@256 on 100-cluster synthetic data: ivf 0.990 / ivfpq 0.988 at N=2e4, d=64 (nprobe 105 of 512);
-# 1.000 / 0.991 at N=1e5, d=128 (52 of 1265). Half the candidates (nprobe 52 at N=2e4) gave 0.965.
+# IVF lists scanned hold about this many times k candidates, and at least MIN_NPROBE lists: recall@256 of
+# about 0.99 on clustered synthetic cells up to 1e5, where half the candidates fell short of 0.97
+# (docs/INDEX.md; tests/test_index.py holds the defaults to 0.95).
 PROBE_CANDIDATES_PER_K = 16
 MIN_NPROBE = 32
 # A training read tolerates a much shallower search: it only needs the cells that carry its softmax. On
-# CIFAR-10/conv1's trained memory (N=5e4, nlist 894, k=257; benchmarks/train_depth.py, 1024 training-mode
-# queries) the read's loss over rows with a positive among their cells was 0.919 with exact neighbours, 0.913
-# at nprobe 74 (recall 0.94) and 0.910 at nprobe 19 (recall 0.69); accuracy 68.95 / 68.36 / 68.36%; 128
-# queries' search 10.7 -> 5.1 ms on 2 CPU cores. Evaluation and classify keep the deeper default.
+# CIFAR-10/conv1's trained memory a quarter of the evaluation depth kept the read's loss and accuracy and
+# halved the search (results/train_depth.json). Evaluation keeps the deeper default.
 TRAIN_PROBE_CANDIDATES_PER_K = 4
 MIN_TRAIN_NPROBE = 8
-# ...and a lighter ivfpq re-rank: at N=1e6 synthetic cells (d=128, k=257, training nprobe 8 of 4000 lists)
-# k_factor 8 -> 2 cut 256 queries' search from 53 to 22 ms for recall@257 0.425 -> 0.394; the re-rank reads
-# k_factor * k scattered SQ8 codes a query, which at large N is most of the search.
+# ...and a lighter ivfpq re-rank: it reads k_factor * k scattered SQ8 codes a query, which at large N is most
+# of the search; at 1e6 synthetic cells k_factor 2 cut the training search by more than half for a few
+# points of recall (docs/INDEX.md).
 TRAIN_REFINE_K_FACTOR = 2
-# ivfpq re-ranks k_factor * k PQ candidates with SQ8 codes; 8 reached the IVF ceiling in every measured
-# setting (k_factor 2 lost up to 0.1 recall@256 at d=128 with 4-bit PQ).
+# ivfpq re-ranks k_factor * k PQ candidates with SQ8 codes; 8 reached the IVF recall ceiling in every
+# measured setting, where 2 fell short of it at evaluation depth (docs/INDEX.md).
 REFINE_K_FACTOR = 8
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 # From this many IVF lists on, the coarse quantizer is an HNSW graph over the centroids (faiss's IVFx_HNSW32)
-# instead of a scan of all of them (benchmarks/coarse_quantizer.py, ivfpq, 256 training-mode queries, 2 CPU
-# cores): the training search at N=1e7 (12649 lists, nprobe 8) 49.6 -> 31.7 ms, recall@257 0.198 -> 0.187;
-# at N=1e6 (4000 lists) 24.3 -> 22.2 ms, 0.394 -> 0.388. At evaluation depth (nprobe 32) 106.2 -> 89.7 ms for
-# recall 0.540 -> 0.523 at 1e7, and 62.9 -> 61.6 ms at equal recall at 1e6.
+# instead of a scan of all of them: faster at both depths at 1e6 and 1e7 cells, for a small loss of recall
+# (results/coarse_quantizer.json).
 HNSW_QUANTIZER_MIN_NLIST = 4000
 
 

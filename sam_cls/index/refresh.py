@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from .auto import build_index
 from .base import MemoryIndex
-from .faiss_index import FaissIndex
-from .params import IVF_KINDS, TRAIN_REFINE_K_FACTOR, IndexParams, default_train_nprobe
+from .params import IndexParams
 from .recall import recall_at_k
 
 # A refresh re-using the old quantizer that falls below this recall makes the next rebuild retrain.
@@ -78,11 +77,9 @@ class IndexRefresher:
         params = replace(params, list_order=reorder is not None)
         self.index: MemoryIndex = build_index(snapshot, params, k, log=self.log, seed=seed, centroids=centroids,
                                               kmeans_iterations=0)
-        self._lay_out(self.index)  # snapshot is a view of the memory: it moves too
-        # Resolved kind and knobs, so later builds neither re-run "auto" nor change nprobe / efSearch.
-        self.params = (
-            self.index.params if isinstance(self.index, FaissIndex) else replace(params, kind="torch")
-        )
+        self._lay_out(self.index.take_layout())  # snapshot is a view of the memory: it moves too
+        # Later builds come from the index's own rebuilder: its resolved kind and knobs, never "auto" again.
+        self.params = replace(params, kind=self.index.kind)
         self._indexed_sample = snapshot[self._sample_ids].clone()
         if centroids is not None:  # a checkpoint's index again: its recall decided how the next retrain starts
             self._retrain_next = self._below_floor(self._recall(self.index, snapshot))
@@ -94,41 +91,18 @@ class IndexRefresher:
     # -- searching and policy -------------------------------------------------------------------------
     @property
     def description(self) -> str:
-        """The index's description, and the depth a training read searches it at where that is shallower."""
-        train = f", training reads nprobe={self.train_nprobe}" if self.train_nprobe else ""
-        train += f" k_factor={self.train_k_factor:g}" if self.train_k_factor else ""
-        return self.index.description + train
-
-    @property
-    def train_nprobe(self) -> int | None:
-        """IVF lists a training read scans: params.train_nprobe, else a shallow default (see params.py)."""
-        index = self.index
-        if index.kind not in IVF_KINDS:
-            return None
-        wanted = self.params.train_nprobe or default_train_nprobe(index.size, index.nlist, self.k)
-        return min(wanted, index.params.nprobe)  # a search is narrowed, never deepened
-
-    @property
-    def train_k_factor(self) -> float | None:
-        """ivfpq's re-rank depth for a training read: TRAIN_REFINE_K_FACTOR, or the index's own if lower."""
-        if self.index.kind != "ivfpq":
-            return None
-        return min(TRAIN_REFINE_K_FACTOR, self.index.index.k_factor)
+        return self.index.description
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A training read's search of the current index (the previous one while a background rebuild runs)."""
-        return self.index.search(queries, k, nprobe=self.train_nprobe, k_factor=self.train_k_factor)
+        return self.index.search(queries, k, training=True)
 
     def centroids(self) -> torch.Tensor | None:
-        """The current IVF index's coarse centroids (what a checkpoint keeps to rebuild it); None otherwise."""
-        return self.index.centroids()
-
-    def _warm_start(self) -> torch.Tensor | None:
-        """Centroids for a retrain's k-means: the current ones, unless they gave a recall below the floor."""
-        return None if self._retrain_next else self.centroids()
+        """What the current index learned (IVF centroids): what a checkpoint keeps to rebuild it; else None."""
+        return self.index.learned()
 
     def _below_floor(self, recall: float | None) -> bool:
-        return recall is not None and recall < RECALL_FLOOR and self.index.kind in IVF_KINDS
+        return recall is not None and recall < RECALL_FLOOR and self.index.trains
 
     def staleness(self) -> float:
         """Mean cosine drift (1 - cos) of a fixed sample of rows between their indexed and current values."""
@@ -165,8 +139,6 @@ class IndexRefresher:
 
     def _due(self) -> str | None:
         """Why a rebuild is due now, or None."""
-        if self.memory.shape[0] != self.index.size:
-            return f"memory has {self.memory.shape[0]} cells, index {self.index.size}"
         if self.rebuild_every is None:
             return None
         if self.rebuild_every == "auto":
@@ -179,47 +151,37 @@ class IndexRefresher:
         return f"every {self.rebuild_every} steps" if self._steps_since >= self.rebuild_every else None
 
     def _retrain_due(self) -> bool:
-        return self.index.kind in IVF_KINDS and (
-            self._retrain_next or self._since_retrain + 1 >= self.retrain_every
-        )
+        return self.index.trains and (self._retrain_next or self._since_retrain + 1 >= self.retrain_every)
 
     # -- building -------------------------------------------------------------------------------------
-    def _samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw_samples(self, n: int) -> None:
         """Fixed, seeded rows for staleness and for recall queries: same seed, same rows, on any device.
 
         A layout change moves other cells into those rows; each rebuild re-reads the sample from the memory
         as laid out then, so staleness always compares a row with what the index holds for it.
         """
         gen = torch.Generator().manual_seed(self.seed)
-        staleness_ids = torch.randperm(n, generator=gen)[: self.staleness_sample]
-        recall_ids = torch.randperm(n, generator=gen)[: self.recall_sample]
-        return staleness_ids.to(self.memory.device), recall_ids.to(self.memory.device)
-
-    def _draw_samples(self, n: int) -> None:
-        self._sampled_n = n
-        self._sample_ids, self._recall_ids = self._samples(n)
+        self._sample_ids = torch.randperm(n, generator=gen)[: self.staleness_sample].to(self.memory.device)
+        self._recall_ids = torch.randperm(n, generator=gen)[: self.recall_sample].to(self.memory.device)
 
     def _recall(self, index: MemoryIndex, snapshot: torch.Tensor) -> float | None:
         """Recall@k on a fixed sample of cells used as queries; 1.0 for exact kinds, None when disabled."""
         if self.recall_sample <= 0:
             return None
-        if index.kind in ("flat", "torch") and not self.params.fp16:
+        if index.exact:
             return 1.0
-        n = snapshot.shape[0]
-        ids = self._recall_ids if n == self._sampled_n else self._samples(n)[1]
-        return round(recall_at_k(index, snapshot, snapshot[ids], min(self.k, n))["recall_at_k"], 4)
+        return round(recall_at_k(index, snapshot, snapshot[self._recall_ids], self.k)["recall_at_k"], 4)
 
     def _rebuild_now(self, reason: str, retrain: bool, step: int | None = None) -> dict:
         start = time.perf_counter()
-        resized = self.memory.shape[0] != self.index.size
-        before = None if resized else self.staleness()
+        before = self.staleness()
         snapshot = self.memory.detach()
-        retrained = (retrain or resized) and self.index.kind in IVF_KINDS
-        if retrained or resized:
-            self.index = build_index(snapshot, self.params, self.k, seed=self.seed, centroids=self._warm_start())
+        retrained = retrain and self.index.trains
+        if retrained:  # k-means from the current centroids, unless they served below the recall floor
+            self.index = self.index.rebuilder(retrain=True, warm=not self._retrain_next)(snapshot)
         else:  # in place: keeps IVF training, and no second copy of the cells
             self.index.refresh(snapshot)
-        self._lay_out(self.index)  # snapshot is a view of the memory: it moves too
+        self._lay_out(self.index.take_layout())  # snapshot is a view of the memory: it moves too
         self._steps_since = 0
         recall = self._recall(self.index, snapshot)
         job = {"snapshot": snapshot, "reason": reason, "before": before, "retrained": retrained, "step": step}
@@ -228,31 +190,21 @@ class IndexRefresher:
     def _start(self, reason: str, step: int) -> None:
         """Snapshot the memory and build the next index from it in a worker thread."""
         snapshot = self.memory.detach().clone()
-        resized = snapshot.shape[0] != self.index.size
-        retrain = self._retrain_due() or (resized and self.index.kind in IVF_KINDS)
-        self._job = {
-            "snapshot": snapshot,
-            "reason": reason,
-            "before": None if resized else self.staleness(),
-            "retrained": retrain,
-            "step": step,
-        }
+        retrain = self._retrain_due()
+        self._job = {"snapshot": snapshot, "reason": reason, "before": self.staleness(), "retrained": retrain,
+                     "step": step}
         # Everything the worker needs from the current index is read here, in the searching thread.
-        kind, params, k, seed = self.index.kind, self.params, self.k, self.seed
-        make = None if retrain else self.index.rebuilder()
-        centroids = self._warm_start() if retrain else None
+        make = self.index.rebuilder(retrain=retrain, warm=not self._retrain_next)
         self._steps_since = 0
 
         def work():
             try:
                 start = time.perf_counter()
-                if retrain:
-                    index = FaissIndex.build(snapshot, kind, params, k, seed=seed, place=False, centroids=centroids)
-                else:
-                    index = make(snapshot)
-                if index.layout is not None:  # this thread's own copy, laid out now; the memory at the swap
-                    snapshot.copy_(snapshot.index_select(0, index.layout))
-                self._built = (index, self._recall(index, snapshot), time.perf_counter() - start)
+                index = make(snapshot)
+                layout = index.take_layout()
+                if layout is not None:  # this thread's own copy, laid out now; the memory at the swap
+                    snapshot.copy_(snapshot.index_select(0, layout))
+                self._built = (index, layout, self._recall(index, snapshot), time.perf_counter() - start)
             except Exception as e:  # noqa: BLE001 -- kept and re-raised in the training thread by _collect
                 self._error = e
 
@@ -268,24 +220,20 @@ class IndexRefresher:
         self._worker = self._built = self._error = self._job = None
         if error is not None:
             raise RuntimeError(f"background index rebuild failed: {error}") from error
-        index, recall, seconds = built
-        index.place()  # GPU placement happens here, in the searching thread that owns the GPU resources
+        index, layout, recall, seconds = built
         # Rows written since the snapshot move with the rest, so the new index's ids find them too.
-        self._lay_out(index)
+        self._lay_out(layout)
         self.index = index
         return self._install(job, recall, seconds, background=True)
 
-    def _lay_out(self, index: MemoryIndex) -> None:
-        """Move the memory's rows to the order the index was just filled in, where it chose one."""
-        if index.layout is not None:
-            self.reorder(index.layout)
-            index.layout = None  # applied: a later call must not move the rows again
+    def _lay_out(self, layout: torch.Tensor | None) -> None:
+        """Move the memory's rows to the order an index was just filled in, where it chose one."""
+        if layout is not None:
+            self.reorder(layout)
 
     def _install(self, job: dict, recall: float | None, seconds: float, background: bool) -> dict:
         """Book-keeping after a rebuild: the indexed sample, retrain schedule, record and log line."""
         snapshot, before, retrained = job["snapshot"], job["before"], job["retrained"]
-        if snapshot.shape[0] != self._sampled_n:  # the memory was resized: draw a new fixed sample
-            self._draw_samples(snapshot.shape[0])
         self._indexed_sample = snapshot[self._sample_ids].clone()
         self.rebuilds += 1
         self._since_retrain = 0 if retrained else self._since_retrain + 1

@@ -17,8 +17,9 @@ class IndexMismatchError(ValueError):
     """A saved index does not fit what the caller expects, or cannot be read; the message says the fix."""
 
 
-def write_index_file(path: str | Path, header: dict, payload) -> None:
-    """Write header + payload atomically (tmp file, fsync, os.replace) so a crash never leaves half a file."""
+def write_index_file(path: str | Path, header: dict, payload) -> dict:
+    """Write header + payload atomically (tmp file, fsync, os.replace) so a crash never leaves half a file;
+    returns the header written, whose payload checksum names this index."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     view = memoryview(payload).cast("B")
@@ -39,6 +40,25 @@ def write_index_file(path: str | Path, header: dict, payload) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return header
+
+
+def digest(header: dict) -> dict:
+    """What identifies an index file's contents: its payload's size and checksum."""
+    return {"payload_bytes": header.get("payload_bytes"), "payload_crc32": header.get("payload_crc32")}
+
+
+def read_header(path: str | Path) -> dict:
+    """An index file's header, read without its payload; {} where there is no readable header."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                return {}
+            (head_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(head_len, 1 << 20)))
+            return header if isinstance(header, dict) else {}
+    except (OSError, ValueError, struct.error):
+        return {}
 
 
 def read_index_file(path: str | Path) -> tuple[dict, bytearray]:

@@ -46,6 +46,7 @@ class TorchExactIndex(MemoryIndex):
     """A copy of the cells on a torch device, searched exactly: no training, rebuild is a copy."""
 
     kind = "torch"
+    exact = True
     searches_non_finite = True  # matmul and topk rank NaN like any value; nothing reads the ids on the host
 
     def __init__(self, vectors: torch.Tensor, device: str | torch.device = "cpu"):
@@ -61,12 +62,13 @@ class TorchExactIndex(MemoryIndex):
     def dim(self) -> int:
         return self.vectors.shape[1]
 
-    def _search(
-        self, queries: torch.Tensor, k: int, nprobe: int | None, k_factor: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Exact: nothing to narrow.
+    def _search(self, queries: torch.Tensor, k: int, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # Exact at any depth: a training read searches as an evaluation does.
         scores, ids = exact_search(self.vectors, queries, k)
         return scores.to(queries.device), ids.to(queries.device)
+
+    def add(self, vectors: torch.Tensor) -> None:
+        self.vectors = torch.cat([self.vectors, check_vectors(vectors).to(self.vectors.device)])
 
     def refresh(self, vectors: torch.Tensor) -> None:
         """Copy the new values in place (same N), else re-allocate."""
@@ -76,7 +78,7 @@ class TorchExactIndex(MemoryIndex):
         else:
             self.vectors = vectors.to(self.vectors.device, copy=True)
 
-    def rebuilder(self) -> Callable[[torch.Tensor], TorchExactIndex]:
+    def rebuilder(self, retrain: bool = False, warm: bool = True) -> Callable[[torch.Tensor], TorchExactIndex]:
         device = self.vectors.device
         return lambda vectors: TorchExactIndex(vectors, device)
 

@@ -1,12 +1,12 @@
 """An IVF index's coarse quantizer at large N: a scan of every centroid against an HNSW graph over them.
 
-    python benchmarks/coarse_quantizer.py                  # N = 1e6, 1e7 (ivfpq, as scaling.py runs them)
-    python benchmarks/coarse_quantizer.py --quick          # N = 2e5 with 4000 lists: a smoke run
+    python benchmarks/ablations/coarse_quantizer.py                  # N = 1e6, 1e7 (ivfpq, as scaling.py runs them)
+    python benchmarks/ablations/coarse_quantizer.py --quick          # N = 2e5 with 4000 lists: a smoke run
 
 From HNSW_QUANTIZER_MIN_NLIST lists on, an IVF index finds a query's lists through an HNSW graph over its
 centroids (faiss's IVFx_HNSW32) instead of scanning all of them. Both quantizers hold the same k-means
 centroids, so this builds each index once and swaps its quantizer between them. Queries are what a training
-step sends (scaling.py's: a cell plus noise, B = 256). For each size and depth (training: the refresher's
+step sends (common.py's synthetic ones, as scaling.py's: a cell plus noise, B = 256). For each size and depth (training: the refresher's
 nprobe and re-rank; evaluation: the index's own) it reports the median search time of a batch and recall of
 the exact top K+1, both quantizers side by side. Writes results/coarse_quantizer.json.
 """
@@ -16,36 +16,37 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import time
+import sys
+from pathlib import Path
 
-import torch  # first: faiss imported after it shares torch's OpenMP runtime (sam_cls/index/_faiss.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
+
+import torch
+from common import B, K, make_bank, make_batches, median_ms, training_refresher, write_report
 
 # isort: split
-import faiss
-from machine import write_report
-from scaling import B, K, make_bank, make_batches
+import faiss  # after torch (common.py says why)
+from faiss.contrib.evaluation import knn_intersection_measure
 
-from sam_cls.index import IndexParams, IndexRefresher, exact_search
+from sam_cls.index import IndexParams, exact_search
 from sam_cls.index.faiss_index import FaissIndex
 from sam_cls.index.params import quantizer_ef_search
-from sam_cls.index.recall import knn_intersection_measure
 
-REPEATS, RECALL_BATCHES = 15, 2
+# ----------------------------------------------------------------------------- hyper-parameters, all here
+REPEATS, WARMUP, RECALL_BATCHES = 15, 2, 2
 
 
 def timed_searches(index: FaissIndex, quantizers: dict, queries: torch.Tensor, k: int, nprobe: int,
                    k_factor: float | None) -> dict[str, float]:
     """Median ms of a batch's search with each quantizer; they take turns going first, so neither gets the
-    warmer caches, and the first two batches are warm-ups."""
+    warmer caches."""
     ivf = faiss.extract_index_ivf(index.index)
-    times: dict[str, list[float]] = {name: [] for name in quantizers}
-    for i, q in enumerate(queries):
-        for name in list(quantizers)[:: 1 if i % 2 == 0 else -1]:
-            ivf.quantizer = quantizers[name]
-            start = time.perf_counter()
-            index.search(q, k, nprobe=nprobe, k_factor=k_factor)
-            times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(t[2:]) for name, t in times.items()}
+
+    def search(quantizer, i: int) -> None:
+        ivf.quantizer = quantizer
+        index.search(queries[i], k, nprobe=nprobe, k_factor=k_factor)
+
+    return median_ms({name: lambda i, q=q: search(q, i) for name, q in quantizers.items()}, REPEATS, WARMUP)
 
 
 def recall(index: FaissIndex, queries: torch.Tensor, exact: list[torch.Tensor], k: int, nprobe: int,
@@ -74,9 +75,8 @@ def main() -> None:
           f"{'ratio':>6} {'scan recall':>11} {'HNSW recall':>11}")
     for n in sizes:
         bank = make_bank(n, args.seed)
-        _, queries = make_batches(bank, REPEATS + 2, args.seed)  # 2 warm-up batches
-        refresher = IndexRefresher(bank.embeddings, IndexParams(kind="ivfpq", nlist=nlist), k=k, rebuild_every=None,
-                                   seed=args.seed, recall_sample=0)
+        _, queries = make_batches(bank, WARMUP + REPEATS, args.seed)
+        refresher = training_refresher(bank, IndexParams(kind="ivfpq", nlist=nlist), args.seed, layout=False)
         index = refresher.index
         ivf = faiss.extract_index_ivf(index.index)
         graph = faiss.downcast_index(ivf.quantizer)
@@ -85,7 +85,7 @@ def main() -> None:
         scan = faiss.IndexFlatIP(bank.dim)  # the same centroids, found by a full scan
         scan.add(index.centroids())
         exact = [exact_search(bank.embeddings, q, k)[1] for q in queries[:RECALL_BATCHES]]
-        depths = {"training": (refresher.train_nprobe, refresher.train_k_factor),
+        depths = {"training": (index.train_nprobe, index.train_k_factor),
                   "evaluation": (index.params.nprobe, index.index.k_factor)}
         for depth, (nprobe, k_factor) in depths.items():
             row = {"n_cells": n, "nlist": ivf.nlist, "depth": depth, "nprobe": nprobe, "k_factor": k_factor,

@@ -2,24 +2,22 @@
 (training waits for each build) against the background (a worker thread builds, training keeps searching
 the current index, then swaps), side by side in one run.
 
-    python benchmarks/refresh_bench.py                                   # MNIST from ../shared/data
-    python benchmarks/refresh_bench.py --dataset synthetic --quick       # smoke run, no files needed
+    python benchmarks/ablations/refresh_bench.py                                   # MNIST from ../shared/data
+    python benchmarks/ablations/refresh_bench.py --dataset synthetic --quick       # smoke run, no files needed
 
 Writes results/refresh_bench.json.
 """
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from machine import describe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 
-from sam_cls.config import make_config
-from sam_cls.train import Trainer
+from common import now, trainer, write_report
 
+# ----------------------------------------------------------------------------- hyper-parameters, all here
 # Frequent rebuilds make the cost visible; IVF has a real build (training the quantizer) to hide.
 REBUILD_EVERY = 25
 INDEX = "ivf"
@@ -27,13 +25,12 @@ INDEX = "ivf"
 
 def one_epoch(base: dict, background: bool) -> dict:
     """Seconds of one epoch and of the rebuilds in it, for one refresh mode."""
-    trainer = Trainer(make_config(None, **base, background_rebuild=background), log=lambda line: None)
-    trainer.prepare()
-    start = time.perf_counter()
-    trainer.train_epoch()
-    seconds = time.perf_counter() - start
-    trainer.refresher.close()
-    history = trainer.refresher.history
+    t = trainer(base, background_rebuild=background)
+    start = now()
+    t.train_epoch()
+    seconds = now() - start
+    t.refresher.close()
+    history = t.refresher.history
     return {"background": background, "epoch_s": seconds, "rebuilds": len(history),
             "rebuild_s_total": sum(r["seconds"] for r in history)}
 
@@ -68,12 +65,9 @@ def main() -> None:
         print(f"{r['mode']:<12}{r['epoch_s']:>9.2f}{r['rebuilds']:>10}{r['rebuild_s_total']:>9.2f}")
     print(f"background saves {saved:.2f} s an epoch ({100 * saved / fg['epoch_s']:.1f}%), "
           f"epoch time ratio background/foreground {bg['epoch_s'] / fg['epoch_s']:.3f}")
-    result = {"command": " ".join(["python", *sys.argv]), "dataset": args.dataset, "index": INDEX,
-              "rebuild_every": base["rebuild_every"], "repeats": args.repeats, "rows": rows,
-              "saved_s_per_epoch": round(saved, 2), "ratio": round(bg["epoch_s"] / fg["epoch_s"], 3),
-              "machine": describe()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_report({"dataset": args.dataset, "index": INDEX, "rebuild_every": base["rebuild_every"],
+                  "repeats": args.repeats, "rows": rows, "saved_s_per_epoch": round(saved, 2),
+                  "ratio": round(bg["epoch_s"] / fg["epoch_s"], 3)}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The sparse read's gathers from a memory in 4 KiB pages against the same memory in transparent huge pages.
 
-    python benchmarks/huge_pages.py                   # N = 1e5, 1e6, 1e7 (two copies of the memory each)
-    python benchmarks/huge_pages.py --sizes 1e4,5e4   # CIFAR-sized memories
+    python benchmarks/ablations/huge_pages.py                   # N = 1e5, 1e6, 1e7 (two copies of the memory each)
+    python benchmarks/ablations/huge_pages.py --sizes 1e4,5e4   # CIFAR-sized memories
 
 MemoryBank backs its cells with huge pages (memory.back_with_huge_pages) because a read gathers K cells a
 query at random rows: once the memory outgrows the TLB's reach, each gathered row costs a page walk too. Per N
@@ -14,19 +14,34 @@ machine. Medians; the ratio is huge / 4k. Writes results/huge_pages.json.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
+
 import torch
 import torch.nn.functional as F
-from machine import proc_kib, sizes_that_fit, write_report
+from common import (
+    NUM_CLASSES,
+    REPEATS,
+    TEMPERATURE,
+    WARMUP,
+    B,
+    D,
+    K,
+    Laps,
+    median_ms,
+    now,
+    proc_kib,
+    sizes_that_fit,
+    write_report,
+)
 
 from sam_cls.memory import back_with_huge_pages
 from sam_cls.read import exclusion_mask, sparse_read
 
-D, B, K = 128, 256, 256  # embedding dim, batch, cells read per query: as in benchmarks/scaling.py
-NUM_CLASSES, TEMPERATURE = 10, 0.05
-WARMUP, REPEATS = 3, 25
+# ----------------------------------------------------------------------------- hyper-parameters, all here
+# (D, B, K, classes, temperature, warm-ups and repeats: common.py, as in benchmarks/scaling.py)
 FILL_ROWS = 1 << 20  # cells drawn at a time, so filling never holds a second N x d temporary
 
 
@@ -40,16 +55,15 @@ def filled_memory(n: int, seed: int) -> torch.Tensor:
     return memory
 
 
-def read_ms(memory: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
-            u: torch.Tensor) -> tuple[float, float]:
-    """One training read on these ids: forward ms, backward ms."""
+def read(memory: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, u: torch.Tensor) -> Laps:
+    """One training read on these ids, timed forward and backward."""
     u = u.clone().requires_grad_()
-    start = time.perf_counter()
+    laps = Laps()
     exclude = exclusion_mask(ids, ids[:, 0])  # the first candidate stands in for the query's own cell
     log_probs = sparse_read(u, ids, memory, labels, NUM_CLASSES, TEMPERATURE, exclude=exclude)
-    mid = time.perf_counter()
+    laps.lap("forward")
     log_probs[:, 0].sum().backward()
-    return (mid - start) * 1e3, (time.perf_counter() - mid) * 1e3
+    return laps.lap("backward")
 
 
 def compare(n: int, seed: int) -> dict:
@@ -57,25 +71,23 @@ def compare(n: int, seed: int) -> dict:
     plain = filled_memory(n, seed)
     huge = filled_memory(n, seed)
     huge_kib = proc_kib("/proc/meminfo", "AnonHugePages") or 0
-    start = time.perf_counter()
+    start = now()
     collapsed = back_with_huge_pages(huge)
-    collapse_s = time.perf_counter() - start
+    collapse_s = now() - start
     huge_gib = ((proc_kib("/proc/meminfo", "AnonHugePages") or 0) - huge_kib) / 2**20
     labels = torch.randint(NUM_CLASSES, (n,), generator=torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 1)
-    times: dict[str, list[tuple[float, float]]] = {"4k": [], "huge": []}
-    for i in range(WARMUP + REPEATS):
+    reads = []  # the same ids and queries for both memories in a round
+    for _ in range(WARMUP + REPEATS):
         ids = torch.randint(n, (B, K + 1), generator=gen)
-        u = F.normalize(torch.randn(B, D, generator=gen), dim=1)
-        for name, memory in (("4k", plain), ("huge", huge)) if i % 2 else (("huge", huge), ("4k", plain)):
-            measured = read_ms(memory, labels, ids, u)
-            if i >= WARMUP:
-                times[name].append(measured)
-    med = {name: np.median(np.array(t), axis=0) for name, t in times.items()}
+        reads.append((ids, F.normalize(torch.randn(B, D, generator=gen), dim=1)))
+    med = median_ms({name: lambda i, memory=memory: read(memory, labels, *reads[i])
+                     for name, memory in (("huge", huge), ("4k", plain))})
     row = {"n_cells": n, "collapsed": collapsed, "collapse_s": round(collapse_s, 2),
            "huge_pages_gib": round(huge_gib, 2)}
-    for name, (fwd, bwd) in med.items():
-        row[f"forward_ms_{name}"], row[f"backward_ms_{name}"] = round(float(fwd), 2), round(float(bwd), 2)
+    for name in ("4k", "huge"):
+        for part in ("forward", "backward"):
+            row[f"{part}_ms_{name}"] = round(med[name][part], 2)
     row["ratio_forward"] = round(row["forward_ms_huge"] / row["forward_ms_4k"], 3)
     row["ratio_backward"] = round(row["backward_ms_huge"] / row["backward_ms_4k"], 3)
     return row

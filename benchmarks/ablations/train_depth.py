@@ -1,7 +1,7 @@
 """How shallow a training read's IVF search may be: recall, softmax mass, loss and search time against nprobe.
 
-    python benchmarks/train_depth.py                                    # the table-1 CIFAR-10 conv1 run
-    python benchmarks/train_depth.py --run RUN_DIR --nprobes 8,16,32
+    python benchmarks/ablations/train_depth.py                                    # the table-1 CIFAR-10 conv1 run
+    python benchmarks/ablations/train_depth.py --run RUN_DIR --nprobes 8,16,32
 
 Over a trained run's memory and saved IVF index, queries are what a training step sends: augmented training
 images through the encoder in train mode. Each is searched exactly (top K+1) and through the index at each
@@ -16,18 +16,22 @@ Writes results/train_depth.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-from machine import write_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 
+import torch
+from common import median_ms, write_report
+
+import sam_cls
 from sam_cls.data import augment
 from sam_cls.index import exact_search
 from sam_cls.read import exclusion_mask, sparse_read
-from sam_cls.run import load_run
+from sam_cls.run import run_data
+
+# ----------------------------------------------------------------------------- hyper-parameters, all here
+SEARCH_PASSES = 3  # timed passes over the queries' batches at each depth (after one untimed pass)
 
 
 def main() -> None:
@@ -40,10 +44,9 @@ def main() -> None:
     args = ap.parse_args()
     if not (Path(args.run) / "checkpoint.pt").is_file():
         sys.exit(f"error: no trained run at {args.run}: run benchmarks/table1.py first, or pass --run")
-    loaded = load_run(args.run, args.data_dir, "cpu", log=lambda line: None)
-    cfg, data, encoder = loaded.cfg, loaded.data, loaded.encoder
-    memory = loaded.memory()
-    index = loaded.index(memory)
+    clf = sam_cls.load(args.run, device="cpu")
+    cfg, data, encoder = clf.cfg, run_data(clf, args.data_dir, log=lambda line: None), clf.encoder
+    memory, index = clf.memory, clf.index
     if index.kind not in ("ivf", "ivfpq"):
         sys.exit(f"error: {args.run} has a {index.kind} index; this compares IVF depths")
     k, batch = cfg.topk + 1, cfg.batch_size  # K + 1: the query's own cell is dropped, as in a step
@@ -76,14 +79,11 @@ def main() -> None:
     for nprobe in sorted({min(int(n), index.nlist) for n in args.nprobes.split(",")}):
         ids = torch.cat([index.search(u[i : i + batch], k, nprobe=nprobe)[1] for i in range(0, len(u), batch)])
         found = (exact_ids.unsqueeze(2) == ids.unsqueeze(1)).any(2)  # (Q, K+1): exact neighbour among candidates
-        times = []
-        for _ in range(3):
-            for i in range(0, len(u), batch):
-                start = time.perf_counter()
-                index.search(u[i : i + batch], k, nprobe=nprobe)
-                times.append(1000 * (time.perf_counter() - start))
+        batches = u.split(batch)
+        search_ms = median_ms(lambda i, nprobe=nprobe, batches=batches: index.search(
+            batches[i % len(batches)], k, nprobe=nprobe), SEARCH_PASSES * len(batches), warmup=0)
         rows.append({"nprobe": nprobe, "recall": found.float().mean().item(),
-                     "mass": (exact_p * found).sum(1).mean().item(), **read(ids), "search_ms": statistics.median(times)})
+                     "mass": (exact_p * found).sum(1).mean().item(), **read(ids), "search_ms": search_ms})
 
     print(f"{args.run}: {index.description}, K+1 = {k}, {len(own)} training-mode queries, batches of {batch}")
     print(f"{'nprobe':>7} {'recall':>7} {'mass':>7} {'loss':>7} {'loss*':>7} {'no pos':>7} {'acc %':>7} {'search ms':>10}")

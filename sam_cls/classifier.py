@@ -1,0 +1,235 @@
+"""A trained run as a classifier: predict, explain, add and forget examples, with no training data on disk.
+
+    clf = sam_cls.load("runs/mnist-mini-conv1-k256")
+    clf.predict(["digit.png"])            # class indices into clf.classes
+    clf.predict_proba(images)             # (B, C) probabilities
+    clf.kneighbors(images, 5)             # (similarities, cells), nearest first, as scikit-learn's kneighbors
+    clf.add(images, ["seven", "seven"])   # written into the memory and its index; no gradient step
+    clf.forget(class_name="seven")
+    clf.save()                            # one atomic commit into the run directory
+
+The memory's labels index `classes`, which grows when `add` names a new class. Each cell keeps where it came
+from: its source (a data set's split, a folder, or images given from Python) and its item in that source.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from sam_cls.checkpoint import CheckpointError, RunDir, load_tensors
+from sam_cls.config import Config
+from sam_cls.evaluate import classify, encode_all
+from sam_cls.images import ImageLike, image_files, to_batch
+from sam_cls.index import MemoryIndex, load_index
+from sam_cls.memory import MemoryBank
+from sam_cls.model import build_encoder
+from sam_cls.setup import index_params, resolve_device
+
+
+class MemoryClassifier:
+    """A trained encoder, its memory of labelled cells and the index over them."""
+
+    def __init__(self, run: RunDir, cfg: Config, state: dict, device: torch.device, index: MemoryIndex):
+        self.run, self.cfg, self.state, self.device, self.index = run, cfg, state, device, index
+        data = state["data"]
+        self.classes: list[str] = list(data["classes"])
+        self.image_shape: tuple[int, int, int] = tuple(data["image_shape"])
+        self.encoder = build_encoder(cfg.encoder, self.image_shape, cfg.dim, torch.zeros(self.image_shape[0]),
+                                     torch.ones(self.image_shape[0]),
+                                     len(self.classes) if cfg.head == "softmax" else None)
+        try:  # the pixel statistics are buffers: they come with the weights
+            self.encoder.load_state_dict(state["encoder"])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{run.checkpoint} does not match encoder {cfg.encoder!r} with dim {cfg.dim}: "
+                                  f"{str(e).splitlines()[0]}") from e
+        self.encoder.to(device).eval()
+        self.memory = MemoryBank.from_state_dict(state["memory"], device)
+        cells = state.get("cells")
+        if cells is None:  # as trained: every cell is the training example its row holds
+            cells = {"source": torch.zeros(self.memory.size, dtype=torch.int32),
+                     "item": self.memory.example_ids.cpu()}
+        self.sources: list[dict] = list(state.get("sources") or [training_source(cfg)])
+        self.cell_source, self.cell_item = cells["source"].cpu(), cells["item"].cpu()
+        if not len(self.cell_source) == len(self.cell_item) == self.memory.size:
+            raise CheckpointError(f"{run.checkpoint}: the cells' sources do not match its {self.memory.size} cells; "
+                                  "the file is corrupt")
+
+    # -- classifying ------------------------------------------------------------------------------------------
+    @property
+    def topk(self) -> int:
+        """Cells a prediction reads: the run's K (at most the memory), or all of them for a dense run."""
+        return min(self.cfg.topk, self.memory.size)
+
+    def encode(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """Embeddings of images in any accepted form, converted to the run's input shape first."""
+        return encode_all(self.encoder, to_batch(images, self.image_shape), self.cfg.eval_batch_size)
+
+    @torch.no_grad()
+    def predict_log_proba(self, images, topk: int | None = None) -> torch.Tensor:
+        u = self.encode(images)
+        log_probs, _ = classify(u, self.memory, self.index, self.topk if topk is None else topk, len(self.classes),
+                                self.cfg.temperature)
+        return log_probs.cpu()
+
+    def predict_proba(self, images, topk: int | None = None) -> torch.Tensor:
+        """(B, C) class probabilities: the softmax over the K nearest cells, summed per class."""
+        return self.predict_log_proba(images, topk).exp()
+
+    def predict(self, images, topk: int | None = None) -> torch.Tensor:
+        """(B,) most probable class of each image, as an index into `classes`."""
+        return self.predict_log_proba(images, topk).argmax(1)
+
+    @torch.no_grad()
+    def kneighbors(self, images, n_neighbors: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarities, cells), each (B, n): the nearest cells by cosine similarity, nearest first."""
+        n = min(n_neighbors or self.topk, self.memory.size)
+        scores, cells = self.index.search(self.encode(images), n)
+        return scores.cpu(), cells.cpu()
+
+    @torch.no_grad()
+    def explain(self, image: ImageLike, neighbours: int = 16) -> list[dict]:
+        """The cells one prediction rests on, nearest first: label, similarity, softmax weight and source."""
+        u = self.encode(image)
+        k = max(self.topk, min(neighbours, self.memory.size))
+        scores, cells = self.index.search(u, k)
+        # The weights of the read the prediction made: a softmax over its K cells at the run's temperature.
+        weights = torch.softmax(scores[0, : self.topk] / self.cfg.temperature, 0).tolist() + [0.0] * (k - self.topk)
+        cells, scores = cells[0].cpu().tolist(), scores[0].cpu().tolist()
+        labels = self.memory.labels.cpu()
+        return [{"cell": c, "label": self.classes[int(labels[c])], "similarity": round(s, 4),
+                 "weight": round(w, 4), "source": self.describe(c)}
+                for c, s, w in zip(cells[:neighbours], scores[:neighbours], weights[:neighbours], strict=True)]
+
+    def describe(self, cell: int) -> str:
+        """Where a cell came from: `mnist train #12`, a file path, or `python #3`."""
+        source, item = self.sources[int(self.cell_source[cell])], int(self.cell_item[cell])
+        if source["kind"] == "files":
+            return str(Path(source["root"]) / source["files"][item])
+        return f"{source['name']} #{item}"
+
+    def cell_images(self, cells: Sequence[int], log=None) -> list[torch.Tensor | None]:
+        """Each cell's image from its source, where that is still on disk (None where it is not)."""
+        from sam_cls.data import DatasetError
+        from sam_cls.setup import get_dataset
+
+        data, out = None, []
+        for cell in cells:
+            source, item = self.sources[int(self.cell_source[cell])], int(self.cell_item[cell])
+            try:
+                if source["kind"] == "files":
+                    out.append(to_batch(Path(source["root"]) / source["files"][item], self.image_shape)[0])
+                elif source["kind"] == "dataset":
+                    data = data or get_dataset(self.cfg, log or (lambda _: None))
+                    out.append(data.train_x[item])
+                else:
+                    out.append(None)
+            except DatasetError:
+                out.append(None)
+        return out
+
+    # -- changing the memory ----------------------------------------------------------------------------------
+    def add(self, images, labels: Sequence[str | int], source: dict | None = None) -> int:
+        """Write labelled examples into the memory and the index, encoded as they are (no gradient step).
+
+        labels are class names (a new name adds a class) or indices into `classes`. source says where the
+        images came from (add_folder sets it); by default they count as images given from Python.
+        """
+        x = to_batch(images, self.image_shape)
+        if len(labels) != len(x):
+            raise ValueError(f"{len(x)} images but {len(labels)} labels")
+        ids = [self._class_id(label) for label in labels]
+        u = encode_all(self.encoder, x, self.cfg.eval_batch_size)
+        source = source or {"kind": "python", "name": "python"}
+        self.sources.append(source)
+        start = self.memory.size
+        self.memory = MemoryBank(torch.cat([self.memory.embeddings, u.to(self.memory.embeddings)]),
+                                 torch.cat([self.memory.labels, torch.tensor(ids, device=self.memory.labels.device)]))
+        self.cell_source = torch.cat([self.cell_source, torch.full((len(x),), len(self.sources) - 1,
+                                                                  dtype=torch.int32)])
+        self.cell_item = torch.cat([self.cell_item, torch.arange(len(x))])
+        self.index.add(self.memory.embeddings[start:])  # ids continue from the old size: the new rows
+        self.state["edited"] = True  # training's resume needs the memory it trained: this one cannot continue
+        return len(x)
+
+    def add_folder(self, folder: str | Path) -> int:
+        """Add every image of folder/<class>/* under its folder's name as the label."""
+        root = Path(folder)
+        classes = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        if not classes:
+            raise ValueError(f"{root} has no class folders: lay the images out as {root}/<class>/<image>")
+        files = [(f, d.name) for d in classes for f in image_files([d])]
+        source = {"kind": "files", "name": str(root), "root": str(root.resolve()),
+                  "files": [str(f.relative_to(root)) for f, _ in files]}
+        return self.add([f for f, _ in files], [label for _, label in files], source)
+
+    def forget(self, class_name: str | None = None, source: str | None = None,
+               cells: Sequence[int] | None = None) -> int:
+        """Remove cells: all of a class, those whose source matches a glob pattern, or these cell numbers."""
+        if sum(x is not None for x in (class_name, source, cells)) != 1:
+            raise ValueError("forget takes exactly one of a class name, a source pattern or cell numbers")
+        drop = torch.zeros(self.memory.size, dtype=torch.bool)
+        if class_name is not None:
+            if class_name not in self.classes:
+                raise ValueError(f"no class {class_name!r}: the run's classes are {', '.join(self.classes)}")
+            drop = self.memory.labels.cpu() == self.classes.index(class_name)
+        elif source is not None:
+            drop = torch.tensor([fnmatch.fnmatch(self.describe(c), source) for c in range(self.memory.size)])
+        else:
+            bad = [c for c in cells if not 0 <= c < self.memory.size]
+            if bad:
+                raise ValueError(f"cells {bad} are not in the memory (0 to {self.memory.size - 1})")
+            drop[list(cells)] = True
+        keep = (~drop).nonzero().squeeze(1)
+        if len(keep) < max(1, self.cfg.topk):
+            raise ValueError(f"forgetting {int(drop.sum())} cells would leave {len(keep)}, fewer than the run "
+                             f"reads (K={self.cfg.topk})")
+        self.memory = MemoryBank(self.memory.embeddings[keep.to(self.device)].clone(),
+                                 self.memory.labels[keep.to(self.device)])
+        self.cell_source, self.cell_item = self.cell_source[keep], self.cell_item[keep]
+        # Rows after a removed one move up; the index re-adds the rest (keeping what it trained).
+        self.index.refresh(self.memory.embeddings)
+        self.state["edited"] = True
+        return int(drop.sum())
+
+    def save(self) -> None:
+        """Commit memory, classes, sources and index into the run directory together (atomic)."""
+        state = {**self.state, "memory": {k: v.cpu() for k, v in self.memory.state_dict().items()},
+                 "data": {**self.state["data"], "classes": list(self.classes)},
+                 "cells": {"source": self.cell_source, "item": self.cell_item}, "sources": self.sources}
+        self.run.commit(state, self.index)
+        self.state = state
+
+    def _class_id(self, label: str | int) -> int:
+        if isinstance(label, int):
+            if not 0 <= label < len(self.classes):
+                raise ValueError(f"class index {label} is not one of the run's {len(self.classes)} classes")
+            return label
+        if label not in self.classes:
+            self.classes.append(label)
+        return self.classes.index(label)
+
+
+def training_source(cfg: Config) -> dict:
+    """The source of a trained memory's cells: the training split (less a validation share) of its data set."""
+    return {"kind": "dataset", "name": f"{cfg.dataset} train", "validation": cfg.validation}
+
+
+def load(path: str | Path, device: str = "auto", log=None) -> MemoryClassifier:
+    """A trained run directory as a classifier (weights-only loading: no code in the files runs)."""
+    run = RunDir(path)
+    run.require_checkpoint()
+    cfg = run.load_config()
+    dev = resolve_device(device)
+    state = load_tensors(run.checkpoint, "cpu")
+    if "data" not in state:  # written before runs kept their classes and input shape: read them off the data
+        from sam_cls.setup import get_dataset
+
+        data = get_dataset(cfg, log or (lambda _: None))
+        state["data"] = {"name": cfg.dataset, "classes": list(data.classes), "image_shape": list(data.image_shape)}
+    memory_size, dim = state["memory"]["embeddings"].shape
+    index = load_index(run.index_file(state), index_params(cfg, dev), expect_dim=dim, expect_size=memory_size)
+    return MemoryClassifier(run, cfg, state, dev, index)
