@@ -31,6 +31,7 @@ from common import write_report
 from PIL import Image
 
 import sam_cls
+from sam_cls.checkpoint import RunDir
 from sam_cls.config import make_config
 from sam_cls.data import load_dataset
 from sam_cls.evaluate import encode_all
@@ -84,23 +85,32 @@ def memory_rows(name: str, run: Path, data, old: list[int], new: list[int]) -> t
         start = time.perf_counter()
         clf.add(data.train_x[picks], [data.classes[int(c)] for c in data.train_y[picks]])
         seconds = time.perf_counter() - start
-        predicted = [clf.classes[int(i)] for i in clf.predict(data.test_x)]
-        rows.append({"dataset": name, "method": "memory-add", "n_per_class": n or "all", "added": len(picks),
-                     **accuracies(predicted, data, old), "seconds": round(seconds, 3)})
-        print(rows[-1])
-    # Forget one old class from the memory that holds every example.
-    forgotten = data.classes[old[0]]
-    before = predicted
+        u = clf.encode(data.test_x)
+        for read, balanced in (("as trained", False), ("class-balanced", True)):
+            predicted = [clf.classes[int(i)] for i in clf.read(u, balanced=balanced).argmax(1)]
+            rows.append({"dataset": name, "method": "memory-add", "read": read, "n_per_class": n or "all",
+                         "added": len(picks), **accuracies(predicted, data, old), "seconds": round(seconds, 3)})
+            print(rows[-1])
+    # Forget one old class from the memory that holds every example (the read as trained: all classes are
+    # about equally large there).
+    forgotten, truth = data.classes[old[0]], [data.classes[int(c)] for c in data.test_y]
+    before = [clf.classes[int(i)] for i in clf.read(u).argmax(1)]
     start = time.perf_counter()
     cells = clf.forget(class_name=forgotten)
     seconds = time.perf_counter() - start
-    after = [clf.classes[int(i)] for i in clf.predict(data.test_x)]
-    truth = [data.classes[int(c)] for c in data.test_y]
+    after = [clf.classes[int(i)] for i in clf.read(u).argmax(1)]
     others = [i for i, t in enumerate(truth) if t != forgotten]
-    acc = lambda pred: 100 * sum(pred[i] == truth[i] for i in others) / len(others)
+    # Images the forgotten class had not claimed: only their neighbours' weights can move them.
+    unclaimed = [i for i in others if before[i] != forgotten]
+
+    def acc(pred: list[str], rows: list[int]) -> float:
+        return round(100 * sum(pred[i] == truth[i] for i in rows) / len(rows), 3)
+
     forget = {"dataset": name, "class": forgotten, "cells": cells, "seconds": round(seconds, 3),
               "predicted_as_forgotten": sum(p == forgotten for p in after),
-              "other_acc_before": round(acc(before), 3), "other_acc_after": round(acc(after), 3)}
+              "other_acc_before": acc(before, others), "other_acc_after": acc(after, others),
+              "unclaimed_acc_before": acc(before, unclaimed), "unclaimed_acc_after": acc(after, unclaimed),
+              "unclaimed_changed": sum(before[i] != after[i] for i in unclaimed), "unclaimed": len(unclaimed)}
     forget["other_acc_change"] = round(forget["other_acc_after"] - forget["other_acc_before"], 3)
     print(forget)
     return rows, forget
@@ -140,9 +150,14 @@ def softmax_rows(name: str, run: Path, data, old: list[int], new: list[int], tra
 
 def run_dataset(name: str, data, epochs: int, work: Path, limit: int | None) -> tuple[list[dict], dict]:
     old, new = list(range(5)), list(range(5, 10))
-    folder = old_class_folder(data, old, work / f"{name}-old", limit)
+    folder = work / f"{name}-old"
+    if not folder.is_dir():
+        old_class_folder(data, old, folder, limit)
     trained = {}
     for head in ("memory", "softmax"):
+        if (work / f"{name}-{head}" / "checkpoint.pt").is_file():  # kept from an earlier run (--work)
+            trained[head] = sum(r["seconds"] for r in RunDir(work / f"{name}-{head}").load_metrics())
+            continue
         cfg = make_config(None, dataset="imagefolder", data_dir=str(folder), encoder="conv1", epochs=epochs,
                           head=head, seed=SEED, device="cpu", out=str(work / f"{name}-{head}"))
         start = time.perf_counter()
@@ -163,9 +178,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for dataset in sorted({r["dataset"] for r in rows}):
-        for method, style in (("memory-add", "-o"), ("softmax-finetune", "--s")):
-            pts = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
-            ax.plot([r["added"] / 5 for r in pts], [r["new_acc"] for r in pts], style, label=f"{dataset} {method}")
+        for method, read, style in (("memory-add", "class-balanced", "-o"), ("memory-add", "as trained", ":o"),
+                                    ("softmax-finetune", None, "--s")):
+            pts = [r for r in rows if r["dataset"] == dataset and r["method"] == method and r.get("read") == read]
+            label = f"{dataset} {method}" + (f" ({read})" if read else "")
+            ax.plot([r["added"] / 5 for r in pts], [r["new_acc"] for r in pts], style, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("examples per new class")
     ax.set_ylabel("test accuracy on the new classes (%)")
@@ -180,15 +197,17 @@ def main() -> None:
     parser.add_argument("--datasets", default="mnist,cifar10")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="results/new_classes.json")
+    parser.add_argument("--work", help="keep the trained runs here and reuse them (default: a temporary folder)")
     args = parser.parse_args()
     names = ["mnist"] if args.quick else args.datasets.split(",")
     rows, forgets = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
         for name in names:
             data = (load_dataset("mnist", args.data_dir, download=False) if name == "mnist" else
                     load_dataset("imagefolder", Path(args.data_dir) / "cifar10-jpeg"))
             epochs = 1 if args.quick else EPOCHS[name]
-            got, forget = run_dataset(name, data, epochs, Path(tmp), QUICK_TRAIN if args.quick else None)
+            got, forget = run_dataset(name, data, epochs, work, QUICK_TRAIN if args.quick else None)
             rows += got
             forgets.append({**forget, "epochs": epochs})
     out = Path(args.out)

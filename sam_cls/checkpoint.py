@@ -40,27 +40,39 @@ class RunDir:
         self.config = self.path / "config.yaml"
         self.checkpoint = self.path / "checkpoint.pt"
         self.index = self.path / "index.faiss"
-        self.next_index = self.path / "index.faiss.next"  # written before the checkpoint that names it
         self.metrics = self.path / "metrics.jsonl"
+
+    def pending_index(self, want: dict) -> Path:
+        """Where an index waits, named by its checksum, between its write and the checkpoint that names it."""
+        return self.path / f".index-{want['payload_crc32']:08x}.next"
 
     def commit(self, state: dict, index) -> None:
         """Save an index and the checkpoint it belongs to so that a crash at any point leaves one consistent
-        pair: the index goes to a side file, the checkpoint (naming the index by its checksum) replaces the
-        old one (the commit point), then the index takes its place."""
-        header = index.save(self.next_index)
-        atomic_save({**state, "index_digest": digest(header)}, self.checkpoint)
-        os.replace(self.next_index, self.index)
+        pair: the index goes to a side file named by its checksum, the checkpoint (naming the index by that
+        checksum) replaces the old one (the commit point), then the index takes its place."""
+        scratch = self.path / ".index.next.tmp"
+        want = digest(index.save(scratch))
+        pending = self.pending_index(want)
+        os.replace(scratch, pending)
+        atomic_save({**state, "index_digest": want}, self.checkpoint)
+        os.replace(pending, self.index)
+        for stale in self.path.glob(".index-*.next"):  # left by a crash before an earlier commit's rename
+            stale.unlink(missing_ok=True)
 
     def index_file(self, state: dict) -> Path:
-        """The index file that belongs to this checkpoint; a crash after the commit point is finished here."""
+        """The index file that belongs to this checkpoint (after a crash between the commit point and the
+        rename, the one still waiting beside it); any other is an error that says how to rebuild it."""
         want = state.get("index_digest")
         if want is None:  # a checkpoint from before indices were named by checksum
             return self.index
+        if not isinstance(want, dict) or not isinstance(want.get("payload_crc32"), int):
+            raise CheckpointError(f"{self.checkpoint} names its index with {want!r}: the file is corrupt")
         header = read_header(self.index)
         if digest(header) == want:
             return self.index
-        if digest(read_header(self.next_index)) == want:  # a crash between the commit and the rename
-            return self.next_index  # a reader writes nothing: the next commit puts it in place
+        pending = self.pending_index(want)
+        if digest(read_header(pending)) == want:  # a crash between the commit and the rename
+            return pending  # a reader writes nothing: the next commit puts its own index in place
         holds = f"holds {header['size']} cells but " if "size" in header else ""
         raise CheckpointError(f"{self.index} {holds}is not the index {self.checkpoint.name} was saved with (a file "
                               f"from another run or epoch, or damaged): run `sam-cls rebuild-index --run {self.path}`")

@@ -33,7 +33,7 @@ from sam_cls.setup import index_params, resolve_device
 class MemoryClassifier:
     """A trained encoder, its memory of labelled cells and the index over them."""
 
-    def __init__(self, run: RunDir, cfg: Config, state: dict, device: torch.device, index: MemoryIndex):
+    def __init__(self, run: RunDir, cfg: Config, state: dict, device: torch.device, index: MemoryIndex | None):
         self.run, self.cfg, self.state, self.device, self.index = run, cfg, state, device, index
         data = state["data"]
         self.classes: list[str] = list(data["classes"])
@@ -69,19 +69,30 @@ class MemoryClassifier:
         return encode_all(self.encoder, to_batch(images, self.image_shape), self.cfg.eval_batch_size)
 
     @torch.no_grad()
-    def predict_log_proba(self, images, topk: int | None = None) -> torch.Tensor:
-        u = self.encode(images)
+    def read(self, u: torch.Tensor, topk: int | None = None, balanced: bool = False) -> torch.Tensor:
+        """(B, C) class log-probabilities of embeddings u: the softmax over the K nearest cells, summed per class.
+
+        The read's prior is each class's share of the memory. balanced=True weighs every class as if it held as
+        many cells as the others (each class's mass divided by its cell count), which a class added from a few
+        examples needs to be predicted at all: results/new_classes.json measures both.
+        """
         log_probs, _ = classify(u, self.memory, self.index, self.topk if topk is None else topk, len(self.classes),
                                 self.cfg.temperature)
+        if balanced:
+            counts = torch.bincount(self.memory.labels, minlength=len(self.classes)).clamp_min(1)
+            log_probs = torch.log_softmax(log_probs - counts.log().to(log_probs), dim=1)
         return log_probs.cpu()
 
-    def predict_proba(self, images, topk: int | None = None) -> torch.Tensor:
-        """(B, C) class probabilities: the softmax over the K nearest cells, summed per class."""
-        return self.predict_log_proba(images, topk).exp()
+    def predict_log_proba(self, images, topk: int | None = None, balanced: bool = False) -> torch.Tensor:
+        return self.read(self.encode(images), topk, balanced)
 
-    def predict(self, images, topk: int | None = None) -> torch.Tensor:
+    def predict_proba(self, images, topk: int | None = None, balanced: bool = False) -> torch.Tensor:
+        """(B, C) class probabilities (see read())."""
+        return self.predict_log_proba(images, topk, balanced).exp()
+
+    def predict(self, images, topk: int | None = None, balanced: bool = False) -> torch.Tensor:
         """(B,) most probable class of each image, as an index into `classes`."""
-        return self.predict_log_proba(images, topk).argmax(1)
+        return self.predict_log_proba(images, topk, balanced).argmax(1)
 
     @torch.no_grad()
     def kneighbors(self, images, n_neighbors: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,8 +229,12 @@ def training_source(cfg: Config) -> dict:
     return {"kind": "dataset", "name": f"{cfg.dataset} train", "validation": cfg.validation}
 
 
-def load(path: str | Path, device: str = "auto", log=None) -> MemoryClassifier:
-    """A trained run directory as a classifier (weights-only loading: no code in the files runs)."""
+def load(path: str | Path, device: str = "auto", log=None, index: bool = True) -> MemoryClassifier:
+    """A trained run directory as a classifier (weights-only loading: no code in the files runs).
+
+    index=False leaves the saved index unread (None), for a caller about to build a new one (rebuild-index:
+    it must work when the saved index is missing, damaged or another run's).
+    """
     run = RunDir(path)
     run.require_checkpoint()
     cfg = run.load_config()
@@ -231,5 +246,7 @@ def load(path: str | Path, device: str = "auto", log=None) -> MemoryClassifier:
         data = get_dataset(cfg, log or (lambda _: None))
         state["data"] = {"name": cfg.dataset, "classes": list(data.classes), "image_shape": list(data.image_shape)}
     memory_size, dim = state["memory"]["embeddings"].shape
-    index = load_index(run.index_file(state), index_params(cfg, dev), expect_dim=dim, expect_size=memory_size)
-    return MemoryClassifier(run, cfg, state, dev, index)
+    if not index:
+        return MemoryClassifier(run, cfg, state, dev, None)
+    saved = load_index(run.index_file(state), index_params(cfg, dev), expect_dim=dim, expect_size=memory_size)
+    return MemoryClassifier(run, cfg, state, dev, saved)

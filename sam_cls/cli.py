@@ -147,31 +147,36 @@ def train(config_file, resume, as_json, **options) -> None:
     report(run_training(cfg, resume=resume, log=log), as_json)
 
 
+BALANCED_HELP = ("Weigh every class as if it held as many cells as the others: what a class added from a few "
+                 "examples needs.")
+
+
 def run_options(fn):
     """--run and --device, which every command that uses a trained run takes."""
     fn = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)(fn)
     return click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")(fn)
 
 
-def load(run_dir: str, device: str):
+def load(run_dir: str, device: str, index: bool = True):
     from sam_cls.classifier import load as load_classifier
 
-    return load_classifier(run_dir, device, log)
+    return load_classifier(run_dir, device, log, index)
 
 
 @main.command()
 @run_options
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--topk", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
+@click.option("--balanced", is_flag=True, help=BALANCED_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 @friendly_errors
-def predict(run_dir, device, paths, topk, as_json) -> None:
+def predict(run_dir, device, paths, topk, balanced, as_json) -> None:
     """Classify image files (or every image in the folders given), any size or format."""
     from sam_cls.images import image_files
 
     clf = load(run_dir, device)
     files = image_files(paths)
-    proba = clf.predict_proba(files)
+    proba = clf.predict_proba(files, balanced=balanced)
     for path, p in zip(files, proba, strict=True):
         best = p.topk(min(topk, len(p)))
         top = [{"class": clf.classes[int(c)], "probability": round(float(v), 4)}
@@ -188,15 +193,16 @@ def predict(run_dir, device, paths, topk, as_json) -> None:
 @click.option("--neighbours", type=click.IntRange(min=1), default=16, show_default=True,
               help="Nearest cells to list.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write a PNG of the query beside its neighbours.")
+@click.option("--balanced", is_flag=True, help=BALANCED_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def explain(run_dir, device, image, neighbours, out, as_json) -> None:
+def explain(run_dir, device, image, neighbours, out, balanced, as_json) -> None:
     """The stored examples a prediction rests on: label, similarity, softmax weight and source of each."""
     from sam_cls.run import explain_picture
 
     clf = load(run_dir, device)
     rows = clf.explain(image, neighbours)
-    predicted = clf.classes[int(clf.predict(image)[0])]
+    predicted = clf.classes[int(clf.predict(image, balanced=balanced)[0])]
     if out:
         explain_picture(clf, image, rows, out, log)
     if as_json:
@@ -250,14 +256,15 @@ def forget(run_dir, device, class_name, source, cells, as_json) -> None:
 @click.option("--topk", type=click.IntRange(min=0), help="Cells read per test image (default: the run's K).")
 @click.option("--data-dir", help="Override the run's data folder.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix as a PNG.")
+@click.option("--balanced", is_flag=True, help=BALANCED_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def evaluate(run_dir, device, topk, data_dir, plot, as_json) -> None:
+def evaluate(run_dir, device, topk, data_dir, plot, balanced, as_json) -> None:
     """Top-1 and top-5 test accuracy of a run's memory classifier, per class too."""
     from sam_cls.run import evaluate_run, run_data
 
     clf = load(run_dir, device)
-    report(evaluate_run(clf, run_data(clf, data_dir, log), topk, plot), as_json)
+    report(evaluate_run(clf, run_data(clf, data_dir, log), topk, plot, balanced), as_json)
 
 
 @main.command("rebuild-index")
@@ -270,7 +277,7 @@ def rebuild_index(run_dir, device, as_json, **options) -> None:
     from sam_cls.run import rebuild_run_index
     from sam_cls.setup import index_params
 
-    clf = load(run_dir, device)
+    clf = load(run_dir, device, index=False)  # the saved index may be the reason for the rebuild
     cfg = make_config(None, **{**clf.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})
     result = rebuild_run_index(clf, index_params(cfg, clf.device), log)
     # Later reads of this run use the back-end and knobs it now has.

@@ -9,7 +9,7 @@ import torch
 from sam_cls.classifier import MemoryClassifier
 from sam_cls.config import ConfigError
 from sam_cls.data import Dataset
-from sam_cls.evaluate import classify, encode_all
+from sam_cls.evaluate import encode_all
 from sam_cls.index import IndexParams, build_index, recall_at_k
 from sam_cls.setup import get_dataset
 
@@ -25,7 +25,8 @@ def run_data(clf: MemoryClassifier, data_dir: str | None = None, log=print) -> D
 
 
 @torch.no_grad()
-def evaluate_run(clf: MemoryClassifier, data: Dataset, topk: int | None = None, plot: str | None = None) -> dict:
+def evaluate_run(clf: MemoryClassifier, data: Dataset, topk: int | None = None, plot: str | None = None,
+                 balanced: bool = False) -> dict:
     """Top-1 and top-5 test accuracy, per-class accuracy and the confusion matrix of the memory classifier."""
     topk = clf.topk if topk is None else topk
     if not 0 <= topk <= clf.memory.size:
@@ -37,8 +38,7 @@ def evaluate_run(clf: MemoryClassifier, data: Dataset, topk: int | None = None, 
         raise ConfigError(f"the test set's classes {missing} are not in the run's memory")
     truth = torch.tensor([names[c] for c in data.classes])[data.test_y]
     u = encode_all(clf.encoder, data.test_x, clf.cfg.eval_batch_size, desc="test")
-    log_probs = torch.cat([classify(u[i : i + 1024], clf.memory, clf.index, topk, len(clf.classes),
-                                    clf.cfg.temperature)[0].cpu() for i in range(0, len(u), 1024)])
+    log_probs = torch.cat([clf.read(u[i : i + 1024], topk, balanced) for i in range(0, len(u), 1024)])
     ranked = log_probs.topk(min(5, len(clf.classes)), dim=1).indices
     predicted = ranked[:, 0]
     confusion = torch.zeros(len(clf.classes), len(clf.classes), dtype=torch.long)

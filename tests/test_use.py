@@ -120,6 +120,20 @@ def test_add_a_new_class_then_forget_it(run_copy, tmp_path):
               resume=True, log=quiet)
 
 
+def test_a_balanced_read_lifts_a_class_added_from_few_examples(run_copy, tmp_path):
+    clf = sam_cls.load(run_copy, device="cpu")
+    files = sorted((new_class_folder(tmp_path / "new", n=2) / "dog").iterdir())
+    clf.add(files[:1], ["dog"])  # one cell against ~30 of each trained class
+    dog = clf.classes.index("dog")
+    plain, balanced = clf.predict_proba(files[1:]), clf.predict_proba(files[1:], balanced=True)
+    torch.testing.assert_close(balanced.sum(1), torch.ones(1))
+    assert balanced[0, dog] > plain[0, dog]
+    # Every class weighed by its cell count: on equal counts the balanced read is the read as trained.
+    counts = torch.bincount(clf.memory.labels, minlength=len(clf.classes)).float()
+    expected = plain * counts.clamp_min(1).reciprocal()
+    torch.testing.assert_close(balanced, expected / expected.sum(1, keepdim=True))
+
+
 def test_forget_by_source_pattern_and_cell_numbers(run_copy):
     clf = sam_cls.load(run_copy, device="cpu")
     size = clf.memory.size
@@ -173,6 +187,17 @@ def test_an_index_from_another_state_of_the_run_is_refused(run_copy, tmp_path):
     (run_copy / "index.faiss").write_bytes(stale)  # same kind, dim and file format: only the digest tells
     with pytest.raises(CheckpointError, match="rebuild-index"):
         sam_cls.load(run_copy, device="cpu")
+    # ...and the fix it names works on that very run.
+    cli("rebuild-index", "--run", run_copy)
+    assert sam_cls.load(run_copy, device="cpu").index.size == clf.memory.size
+
+
+def test_rebuild_index_keeps_the_runs_own_index_settings(run_copy):
+    cli("rebuild-index", "--run", run_copy, "--index", "hnsw", "--ef-search", "40")
+    rebuilt = json.loads(cli("rebuild-index", "--run", run_copy, "--json").stdout)  # no options this time
+    assert rebuilt["index"] == "hnsw"
+    clf = sam_cls.load(run_copy, device="cpu")
+    assert (clf.cfg.index, clf.cfg.ef_search, clf.index.kind) == ("hnsw", 40, "hnsw")
 
 
 def cli(*args, ok=True):

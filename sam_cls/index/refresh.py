@@ -68,7 +68,7 @@ class IndexRefresher:
         self._retrain_next = False
         self._worker: threading.Thread | None = None  # the background build, while one runs
         self._job: dict | None = None  # what it was started from
-        self._built: tuple | None = None  # (index, recall, seconds) once it is done
+        self._built: tuple | None = None  # (index, layout, recall, seconds) once it is done
         self._error: Exception | None = None
 
         start = time.perf_counter()
