@@ -1,17 +1,49 @@
-"""A run directory's files, written atomically and read without executing code from them."""
+"""A run directory's files: committed together, written by one process at a time, read without running code.
 
+A commit (RunDir.commit) makes an epoch's checkpoint and index visible together: the index is written beside
+the run under its checksum's name, the checkpoint (which names the index by that checksum) replaces the old
+one atomically, then the index takes its place. The generation before stays as checkpoint.prev.pt and
+index.prev.faiss, so a damaged latest checkpoint falls back to it. config.yaml mirrors the checkpoint's
+config for people; the checkpoint's own copy is what every command reads.
+"""
+
+import contextlib
+import fcntl
 import json
 import os
+import shutil
+import signal
 from pathlib import Path
 
 import torch
+import yaml
 
-from sam_cls.config import Config, ConfigError, make_config, save_config
+from sam_cls.config import Config, ConfigError, make_config
 from sam_cls.index.store import digest, read_header
 
 
 class CheckpointError(ValueError):
     """A missing, corrupt or mismatched run file; the message names the file and the fix."""
+
+
+class RunLockedError(CheckpointError):
+    """Another process is writing the run directory."""
+
+
+FAULT_ENV = "SAM_CLS_FAULT_AT"  # for fault-injection tests only: "<point>[:<n>]" SIGKILLs at the n-th <point>
+_faults_seen: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Die here, as a power cut would, when a fault-injection test asks for it (see FAULT_ENV); else nothing."""
+    want = os.environ.get(FAULT_ENV)
+    if not want:
+        return
+    point, _, nth = want.partition(":")
+    if point == name:
+        _faults_seen[name] = _faults_seen.get(name, 0) + 1
+        if _faults_seen[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # Options a resumed run may not change: they define what the checkpoint's tensors and optimizer state mean.
@@ -40,24 +72,91 @@ class RunDir:
         self.config = self.path / "config.yaml"
         self.checkpoint = self.path / "checkpoint.pt"
         self.index = self.path / "index.faiss"
+        self.previous = self.path / "checkpoint.prev.pt"  # the generation before the latest
+        self.previous_index = self.path / "index.prev.faiss"
         self.metrics = self.path / "metrics.jsonl"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run's write lock (an OS file lock, gone with the process); a second writer fails at once."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(f"{self.path} is being written by process {holder}: wait for it to finish, or "
+                                 "use another --out") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._clean()
+            yield self
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _clean(self) -> None:
+        """Remove what an interrupted writer left: temporary files, and side indices no checkpoint names."""
+        for stale in [*self.path.glob("*.tmp"), *self.path.glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)
+        sides = list(self.path.glob(".index-*.next"))
+        if not sides:  # the usual case: no crash between a commit's steps, nothing to read
+            return
+        latest, previous = self._named_side(self.checkpoint), self._named_side(self.previous)
+        for side in sides:
+            if side == latest:  # the latest commit's rename never happened: finish it
+                os.replace(side, self.index)
+            elif side != previous:
+                side.unlink(missing_ok=True)
+
+    def _named_side(self, checkpoint: Path) -> Path | None:
+        """The side index a checkpoint names, or None (no checkpoint, an unreadable one, or no digest)."""
+        try:
+            want = load_tensors(checkpoint).get("index_digest") if checkpoint.is_file() else None
+        except CheckpointError:
+            return None
+        return self.pending_index(want) if isinstance(want, dict) and "payload_crc32" in want else None
 
     def pending_index(self, want: dict) -> Path:
         """Where an index waits, named by its checksum, between its write and the checkpoint that names it."""
         return self.path / f".index-{want['payload_crc32']:08x}.next"
 
     def commit(self, state: dict, index) -> None:
-        """Save an index and the checkpoint it belongs to so that a crash at any point leaves one consistent
-        pair: the index goes to a side file named by its checksum, the checkpoint (naming the index by that
-        checksum) replaces the old one (the commit point), then the index takes its place."""
+        """Save an index and the checkpoint it belongs to so that a crash at any point leaves a consistent
+        pair: the index goes to a side file named by its checksum, the current generation is kept as the
+        previous one, the checkpoint (naming the index by that checksum) replaces the old one (the commit
+        point), then the index takes its place and config.yaml follows."""
         scratch = self.path / ".index.next.tmp"
         want = digest(index.save(scratch))
         pending = self.pending_index(want)
         os.replace(scratch, pending)
+        fault_point("index")
+        if self.checkpoint.is_file():
+            _keep(self.checkpoint, self.previous)
+            if self.index.is_file():
+                _keep(self.index, self.previous_index)
         atomic_save({**state, "index_digest": want}, self.checkpoint)
+        fault_point("checkpoint")
         os.replace(pending, self.index)
+        fault_point("config")
+        self.save_config(state["config"])
         for stale in self.path.glob(".index-*.next"):  # left by a crash before an earlier commit's rename
             stale.unlink(missing_ok=True)
+
+    def load_state(self, map_location: str | torch.device = "cpu", log=None) -> dict:
+        """The latest committed checkpoint; where it cannot be read, the previous one, and say so."""
+        self.require_checkpoint()
+        try:
+            return load_tensors(self.checkpoint, map_location)
+        except CheckpointError as e:
+            if not self.previous.is_file():
+                raise
+            state = load_tensors(self.previous, map_location)
+            (log or print)(f"warning: {e}; using the previous checkpoint {self.previous.name} (epoch "
+                           f"{state.get('epoch')}, step {state.get('step')}) instead")
+            return state
 
     def index_file(self, state: dict) -> Path:
         """The index file that belongs to this checkpoint (after a crash between the commit point and the
@@ -70,9 +169,11 @@ class RunDir:
         header = read_header(self.index)
         if digest(header) == want:
             return self.index
-        pending = self.pending_index(want)
-        if digest(read_header(pending)) == want:  # a crash between the commit and the rename
-            return pending  # a reader writes nothing: the next commit puts its own index in place
+        for other in (self.pending_index(want), self.previous_index):
+            # A crash between the commit point and the rename leaves the index beside the run (a reader
+            # writes nothing: the next writer puts it in place); a fallback checkpoint has the previous one.
+            if digest(read_header(other)) == want:
+                return other
         holds = f"holds {header['size']} cells but " if "size" in header else ""
         raise CheckpointError(f"{self.index} {holds}is not the index {self.checkpoint.name} was saved with (a file "
                               f"from another run or epoch, or damaged): run `sam-cls rebuild-index --run {self.path}`")
@@ -92,9 +193,9 @@ class RunDir:
         except ConfigError as e:
             raise CheckpointError(f"bad {self.config}: {e}") from e
 
-    def save_config(self, cfg: Config) -> None:
+    def save_config(self, cfg: Config | dict) -> None:
         tmp = self.config.with_suffix(".tmp")
-        save_config(cfg, tmp)
+        tmp.write_text(yaml.safe_dump(cfg if isinstance(cfg, dict) else cfg.to_dict(), sort_keys=False))
         os.replace(tmp, self.config)
 
     def append_metrics(self, record: dict) -> None:
@@ -124,6 +225,17 @@ class RunDir:
             return
         kept = [line for line, record in self._lines() if record is not None and record.get("step", steps_done + 1) <= steps_done]
         self.metrics.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _keep(path: Path, as_path: Path) -> None:
+    """as_path becomes the file path is now (a hard link: no copy), atomically."""
+    tmp = as_path.with_name(as_path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, tmp)
+    os.replace(tmp, as_path)
 
 
 def atomic_save(obj: dict, path: Path) -> None:

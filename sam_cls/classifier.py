@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sam_cls.checkpoint import CheckpointError, RunDir, load_tensors
-from sam_cls.config import Config
+from sam_cls.checkpoint import CheckpointError, RunDir
+from sam_cls.config import Config, ConfigError, make_config
 from sam_cls.evaluate import classify, encode_all
 from sam_cls.images import ImageLike, image_files, to_batch
 from sam_cls.index import MemoryIndex, load_index
@@ -236,10 +236,12 @@ def load(path: str | Path, device: str = "auto", log=None, index: bool = True) -
     it must work when the saved index is missing, damaged or another run's).
     """
     run = RunDir(path)
-    run.require_checkpoint()
-    cfg = run.load_config()
+    state = run.load_state(log=log)
+    try:  # the config the checkpoint was trained with, not config.yaml beside it (a copy for people)
+        cfg = make_config(None, **state["config"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{run.checkpoint} holds no usable config ({e}): the file is corrupt") from None
     dev = resolve_device(device)
-    state = load_tensors(run.checkpoint, "cpu")
     if "data" not in state:  # written before runs kept their classes and input shape: read them off the data
         from sam_cls.setup import get_dataset
 

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from sam_cls.checkpoint import RunDir
 from sam_cls.config import DEVICES, FIELDS, bounds_text, flag, kind, make_config
 
 
@@ -38,7 +39,13 @@ def friendly_errors(fn):
         # ValueError too: torch, faiss and the index layer reject impossible values (e.g. nlist > N) with it.
         except (ConfigError, CheckpointError, DatasetError, IndexMismatchError, TrainingError, ImportError,
                 ValueError) as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+            sys.exit(2)
+        # A read-only folder, a full disk, a missing permission: the path and the reason, in one line. Every
+        # write is atomic (a temporary file renamed into place), so nothing half-written is left visible.
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -132,19 +139,19 @@ def train(config_file, resume, as_json, **options) -> None:
 
     With no options it trains on mnist-mini, the 5,000 + 1,000 MNIST digits shipped with sam-cls.
     """
+    from sam_cls.train import resume as resume_training
     from sam_cls.train import train as run_training
 
     if resume:
-        from sam_cls.checkpoint import RunDir
         from sam_cls.config import ConfigError
 
         if config_file or not options.get("out"):
             raise ConfigError("--resume continues the run in --out RUN_DIR with its own config: give --out, not --config")
-        # Options given now (e.g. more --epochs) override the run's own config.
-        cfg = RunDir(options["out"]).load_config(**options)
+        # Options given now (e.g. more --epochs) override the config the run's checkpoint was trained with.
+        given = {k: v for k, v in options.items() if v is not None}
+        report(resume_training(given.pop("out"), log=log, **given), as_json)
     else:
-        cfg = make_config(config_file, **options)
-    report(run_training(cfg, resume=resume, log=log), as_json)
+        report(run_training(make_config(config_file, **options), log=log), as_json)
 
 
 BALANCED_HELP = ("Weigh every class as if it held as many cells as the others: what a class added from a few "
@@ -222,10 +229,11 @@ def explain(run_dir, device, image, neighbours, out, balanced, as_json) -> None:
 @friendly_errors
 def add(run_dir, device, folder, as_json) -> None:
     """Write labelled images into a run's memory and index with its trained encoder (no training)."""
-    clf = load(run_dir, device)
-    before = list(clf.classes)
-    added = clf.add_folder(folder)
-    clf.save()
+    with RunDir(run_dir).lock():
+        clf = load(run_dir, device)
+        before = list(clf.classes)
+        added = clf.add_folder(folder)
+        clf.save()
     report({"added": added, "cells": clf.memory.size, "new_classes": clf.classes[len(before):],
             "classes": clf.classes}, as_json)
 
@@ -245,9 +253,10 @@ def forget(run_dir, device, class_name, source, cells, as_json) -> None:
         numbers = [int(c) for c in cells.split(",")] if cells else None
     except ValueError:
         raise ConfigError(f"--cells takes cell numbers separated by commas, got {cells!r}") from None
-    clf = load(run_dir, device)
-    forgotten = clf.forget(class_name, source, numbers)
-    clf.save()
+    with RunDir(run_dir).lock():
+        clf = load(run_dir, device)
+        forgotten = clf.forget(class_name, source, numbers)
+        clf.save()
     report({"forgotten": forgotten, "cells": clf.memory.size}, as_json)
 
 
@@ -277,12 +286,10 @@ def rebuild_index(run_dir, device, as_json, **options) -> None:
     from sam_cls.run import rebuild_run_index
     from sam_cls.setup import index_params
 
-    clf = load(run_dir, device, index=False)  # the saved index may be the reason for the rebuild
-    cfg = make_config(None, **{**clf.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})
-    result = rebuild_run_index(clf, index_params(cfg, clf.device), log)
-    # Later reads of this run use the back-end and knobs it now has.
-    clf.run.save_config(cfg)
-    report(result, as_json)
+    with RunDir(run_dir).lock():
+        clf = load(run_dir, device, index=False)  # the saved index may be the reason for the rebuild
+        clf.cfg = make_config(None, **{**clf.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})
+        report(rebuild_run_index(clf, index_params(clf.cfg, clf.device), log), as_json)
 
 
 @main.command("index-stats")

@@ -69,6 +69,7 @@ def rebuild_run_index(clf: MemoryClassifier, params: IndexParams, log=print) -> 
     clf.state = {k: v for k, v in clf.state.items() if k != "index_centroids"}
     if learned is not None:
         clf.state["index_centroids"] = learned
+    clf.state["config"] = clf.cfg.to_dict()  # the kind and knobs later reads of the run use
     clf.save()
     return {"ntotal": clf.index.size, "dim": clf.index.dim, "index": clf.index.kind,
             "build_seconds": round(build_seconds, 3), "recall_at_k": round(recall["recall_at_k"], 4), "k": k}

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from sam_cls.checkpoint import CheckpointError, RunDir, check_resumable, load_tensors
-from sam_cls.config import Config, ConfigError
+from sam_cls.checkpoint import CheckpointError, RunDir, check_resumable, fault_point
+from sam_cls.config import Config, ConfigError, make_config
 from sam_cls.data import augment
 from sam_cls.evaluate import encode_all
 from sam_cls.index import IndexRefresher
@@ -56,6 +56,7 @@ class Trainer:
         self.memory: MemoryBank | None = None  # encoded by prepare(), unless a checkpoint brought it
         self.refresher: IndexRefresher | None = None  # made by prepare(), over the memory
         self.resume_centroids: torch.Tensor | None = None  # a checkpoint's IVF centroids, for prepare()
+        self.committed = False  # whether a checkpoint of this run exists (for the divergence message)
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up then linear decay to zero over the run's progress: by steps, or by seconds where
@@ -106,6 +107,7 @@ class Trainer:
                                   f"{len(self.train_y)} training images: check --dataset/--data-dir")
         self.step, self.epoch = state["step"], state["epoch"]
         self.resume_centroids = state.get("index_centroids")  # absent in older checkpoints: a cold k-means
+        self.committed = True
         self.train_seconds = state.get("train_seconds", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
         self.perm_gen.set_state(state["rng"]["perm"])
@@ -118,8 +120,9 @@ class Trainer:
 
     def diverged(self, value) -> TrainingError:
         cfg = self.cfg
+        kept = f"the checkpoint of epoch {self.epoch} is intact" if self.committed else "no checkpoint was written"
         return TrainingError(f"loss became {value} at step {self.step} (epoch {self.epoch + 1}): lower --lr (now "
-                             f"{cfg.lr}) or raise --temperature (now {cfg.temperature}); the last checkpoint is intact")
+                             f"{cfg.lr}) or raise --temperature (now {cfg.temperature}); {kept}")
 
     def train_epoch(self, max_steps: int | None = None) -> dict:
         """The rest of the current pass over the training set (cut short by --max-seconds or `max_steps`)."""
@@ -223,7 +226,9 @@ class Trainer:
                       "seconds": round(time.perf_counter() - epoch_start, 2),
                       "index_rebuilds": self.refresher.rebuilds - rebuilds_before}
             run.append_metrics(record)
+            fault_point("metrics")
             self.save(run)
+            self.committed = True
             self.log(f"epoch {record['epoch']:g}/{cfg.epochs}  loss {epoch['train_loss']:.4f}  train acc "
                      f"{epoch['train_acc']:.2f}%  test acc {test_acc:.2f}%  {epoch['images_per_s']:.0f} img/s  "
                      f"{record['seconds']:.1f}s  rebuilds {record['index_rebuilds']}")
@@ -245,28 +250,36 @@ def fresh_run_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config, resume: bool = False, log=print) -> dict:
-    """Train (or resume) a run; returns the last epoch's summary."""
+    """Train a new run (or, with resume, continue the run in cfg.out under cfg); returns the last epoch's summary."""
     if resume and not cfg.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
     run = RunDir(cfg.out or fresh_run_dir(cfg))
-    if resume:
-        run.require_checkpoint()
-        state = load_tensors(run.checkpoint)
-    elif run.checkpoint.exists():
-        raise ConfigError(f"{run.path} already holds a run: pass --resume to continue it, or a new --out")
     cfg.out = str(run.path)
-    trainer = Trainer(cfg, log)
-    if resume:
-        trainer.load_state_dict(state)
-        if trainer.out_of_time():
-            raise ConfigError(f"{run.path} has used its --max-seconds {cfg.max_seconds:g}: pass a larger "
-                              f"--max-seconds to train it further")
-        if trainer.epoch >= cfg.epochs:
-            raise ConfigError(f"{run.path} has already trained {trainer.epoch} epochs: pass --epochs N with N > "
-                              f"{trainer.epoch} to train it further")
-        log(f"resuming {run.path} at epoch {trainer.epoch}, step {trainer.step}")
-    # Lines of epochs whose checkpoint never landed would otherwise repeat or outlive the run.
-    run.truncate_metrics(trainer.step)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.save_config(cfg)
-    return trainer.fit(run)
+    return _fit(run, lambda state: cfg, resume, log)
+
+
+def resume(out: str, log=print, **overrides) -> dict:
+    """Continue the run in `out` under its checkpoint's own config, with these options changed (e.g. epochs)."""
+    return _fit(RunDir(out), lambda state: make_config(None, **{**state["config"], **overrides, "out": str(out)}),
+                True, log)
+
+
+def _fit(run: RunDir, config_for, resume: bool, log) -> dict:
+    with run.lock():  # one writer: a second train, resume, add, forget or rebuild-index fails at once
+        if not resume and run.checkpoint.exists():
+            raise ConfigError(f"{run.path} already holds a run: pass --resume to continue it, or a new --out")
+        state = run.load_state(log=log) if resume else None
+        cfg = config_for(state)
+        trainer = Trainer(cfg, log)
+        if state is not None:
+            trainer.load_state_dict(state)
+            if trainer.out_of_time():
+                raise ConfigError(f"{run.path} has used its --max-seconds {cfg.max_seconds:g}: pass a larger "
+                                  f"--max-seconds to train it further")
+            if trainer.epoch >= cfg.epochs:
+                raise ConfigError(f"{run.path} has already trained {trainer.epoch} epochs: pass --epochs N with N > "
+                                  f"{trainer.epoch} to train it further")
+            log(f"resuming {run.path} at epoch {trainer.epoch}, step {trainer.step}")
+        # Lines of epochs whose checkpoint never landed would otherwise repeat or outlive the run.
+        run.truncate_metrics(trainer.step)
+        return trainer.fit(run)
