@@ -8,6 +8,7 @@ config for people; the checkpoint's own copy is what every command reads.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -239,9 +240,21 @@ def _keep(path: Path, as_path: Path) -> None:
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    """Write then rename, so an interrupted save leaves the previous file whole."""
+    """Write, flush to disk, then rename, so an interrupted or failed save leaves the previous file whole."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data it names
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise
+        # torch reports a short write (a full disk, say) as a RuntimeError from its zip writer.
+        free = shutil.disk_usage(path.parent).free
+        code = errno.ENOSPC if free < 1 << 20 else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} ({free >> 20} MiB free; torch: {str(e).splitlines()[0].strip()})",
+                      str(path)) from None
     os.replace(tmp, path)
 
 

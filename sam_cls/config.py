@@ -59,6 +59,8 @@ class Config:
                           "synthetic needs no files; the others read --data-dir.", choices=DATASETS)
     data_dir: str = option("data", "Folder holding the data set: torchvision's layout (MNIST/raw/, "
                            "cifar-10-batches-py/, ...), or DIR/{train,test}/<class>/* for imagefolder.")
+    skip_bad_images: bool = option(False, "Skip unreadable images in an image folder (their count is logged) "
+                                   "instead of stopping at the first.")
     validation: float = option(0.0, "Hold out this share of train and report accuracy on it instead of test "
                                "(0 = off).", ge=0, lt=1)
     synthetic_train: int = option(5000, "Train images of --dataset synthetic.", ge=1)

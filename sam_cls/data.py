@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
+import io
 import os
 import pickle
 import shutil
 import socket
 import struct
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from math import prod
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +35,9 @@ DATASETS = ("mnist-mini", "mnist", "fashion-mnist", "cifar10", "cifar100", "imag
 
 # Seconds per socket operation: torchvision's urlopen sets no timeout and would hang on a dead link.
 _DOWNLOAD_TIMEOUT_S = 20.0
-_CACHE_VERSION = 1  # bump when the cached tensors' layout changes, so old caches are ignored
+# Bump when the cached tensors' layout or decoding changes, so old caches are ignored. 2: the channel count
+# follows all images (1 took the first image's, so a grey first image made a whole RGB folder grey).
+_CACHE_VERSION = 2
 
 
 class DatasetError(Exception):
@@ -107,26 +111,10 @@ def _make(name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch
 
 # ---------------------------------------------------------------- torchvision data sets (MNIST, CIFAR)
 
-class _CIFAR10(tvd.CIFAR10):
-    # torchvision pins the md5 of the official pickles, which rejects any other file in the same format (the
-    # small ones tests write, a re-pickled copy). With md5 None, torchvision's check_integrity() only asks
-    # that each file exists, and we keep its reader and download unchanged (the archive's md5 is still
-    # checked on download). Cleaner than copying its pickle reader; a truncated file still fails to unpickle.
-    train_list: ClassVar = [[f, None] for f, _ in tvd.CIFAR10.train_list]
-    test_list: ClassVar = [[f, None] for f, _ in tvd.CIFAR10.test_list]
-    meta: ClassVar = {**tvd.CIFAR10.meta, "md5": None}
-
-
-class _CIFAR100(tvd.CIFAR100):
-    # Same deliberate md5 bypass as _CIFAR10 (CIFAR100 subclasses CIFAR10 but has its own file lists).
-    train_list: ClassVar = [[f, None] for f, _ in tvd.CIFAR100.train_list]
-    test_list: ClassVar = [[f, None] for f, _ in tvd.CIFAR100.test_list]
-    meta: ClassVar = {**tvd.CIFAR100.meta, "md5": None}
-
-
-# MNIST's loader needs no bypass: it only checks that the uncompressed idx files exist.
-_TORCHVISION: dict[str, type] = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": _CIFAR10,
-                                 "cifar100": _CIFAR100}
+# torchvision's classes are used to download (the archive's md5 is checked, then each file's) and to name the
+# files; reading CIFAR is done here (_read_cifar), never by torchvision, whose reader unpickles whatever it finds.
+_TORCHVISION: dict[str, type] = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
+                                 "cifar100": tvd.CIFAR100}
 
 
 def _expected_files(cls: type) -> list[str]:
@@ -160,9 +148,120 @@ def _one_line(err: BaseException, last: bool = False) -> str:
     return f"{type(err).__name__}: {(lines[-1] if last else lines[0]).strip()}"
 
 
+# ---------------------------------------------------------------- CIFAR pickles, read without running code
+#
+# CIFAR's python files are pickles, and unpickling runs whatever code a file names: a crafted
+# cifar-10-batches-py/data_batch_1 in --data-dir would run on load. So a file is unpickled with the full pickle
+# module only when its md5 is the official one (torchvision's table; a second preimage of a fixed md5 is out of
+# reach, unlike a collision). Any other file (re-pickled, or the small ones tests write) is read by
+# _ArrayUnpickler, which builds only the numpy arrays, dtypes and plain Python values the format holds and refuses
+# every other global, so no code can run.
+
+# The official md5 of every CIFAR file, by its path under data_dir.
+_CIFAR_MD5: dict[str, str] = {
+    f"{cls.base_folder}/{f}": md5
+    for cls in (tvd.CIFAR10, tvd.CIFAR100)
+    for f, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+}
+
+# The only globals a CIFAR pickle needs: numpy's array (and scalar) reconstruction under its numpy 1 and 2 module
+# names, and _codecs.encode, which protocol-2 pickles written by Python 3 use for bytes. None of them runs code.
+_PICKLE_GLOBALS = frozenset({
+    *((f"numpy.{core}.multiarray", f) for core in ("core", "_core") for f in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),  # protocol 5
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global outside _PICKLE_GLOBALS: the message is its dotted name."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain values and numpy arrays only; any other global (os.system, builtins.exec, ...) is refused."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        if module.startswith(("numpy.core.", "numpy._core.")):  # numpy 1 wrote numpy.core, numpy 2 numpy._core
+            for core in ("numpy._core", "numpy.core"):  # import the one this numpy has, without a deprecation
+                try:
+                    return getattr(importlib.import_module(f"{core}.{module.rsplit('.', 1)[1]}"), name)
+                except (ImportError, AttributeError):
+                    continue
+        return super().find_class(module, name)
+
+
+def _is_official(rel: str, blob: bytes) -> bool:
+    """Whether the bytes of the CIFAR file at rel (its path under data_dir) are the official file's, by md5."""
+    want = _CIFAR_MD5.get(rel)
+    if want is None:
+        return False
+    try:
+        return hashlib.md5(blob, usedforsecurity=False).hexdigest() == want
+    except ValueError:  # no md5 in this Python (FIPS mode): every file takes the restricted reader
+        return False
+
+
+def _unpickle_cifar(name: str, root: Path, rel: str) -> dict:
+    """One CIFAR file as a dict with str keys; the full unpickler only for the official file's exact bytes."""
+    path = root / rel
+    try:
+        blob = path.read_bytes()  # read once: the bytes checked are the bytes unpickled
+        unpickler = pickle.Unpickler if _is_official(rel, blob) else _ArrayUnpickler
+        obj = unpickler(io.BytesIO(blob), encoding="latin1").load()  # latin1: Python 2's str, as torchvision
+    except _RefusedGlobal as e:
+        raise DatasetError(f"{name}: refusing to unpickle {path}: it is not the official file and names {e}, "
+                           "which a CIFAR file never holds (unpickling it could run code); pass --data-dir DIR "
+                           "pointing at intact files") from None
+    # A damaged pickle can fail in many ways (EOFError, UnpicklingError, ValueError, LookupError, TypeError...).
+    except Exception as e:  # noqa: BLE001 -- any of them means a damaged file, told in one line
+        raise DatasetError(f"{name}: cannot read {path} ({_one_line(e)}); pass --data-dir DIR pointing at "
+                           "intact files") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{name}: {path} holds a {type(obj).__name__}, not CIFAR's dict; pass --data-dir DIR "
+                           "pointing at intact files")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _read_cifar(name: str, cls: type, root: Path) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """Train and test splits as (uint8 (N,3,32,32), int64 (N,)) and the class names, checked against the format."""
+
+    def bad(rel: str, what: str) -> DatasetError:
+        return DatasetError(f"{name}: {root / rel} is not a CIFAR file ({what}); pass --data-dir DIR pointing "
+                            "at intact files")
+
+    meta_rel = f"{cls.base_folder}/{cls.meta['filename']}"
+    names = _unpickle_cifar(name, root, meta_rel).get(cls.meta["key"])
+    if isinstance(names, (list, tuple)):
+        names = [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
+    if not names or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad(meta_rel, f"no list of class names under {cls.meta['key']!r}")
+    splits = []
+    for files in (cls.train_list, cls.test_list):
+        xs, ys = [], []
+        for f, _ in files:
+            rel = f"{cls.base_folder}/{f}"
+            entry = _unpickle_cifar(name, root, rel)
+            x = entry.get("data")
+            if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+                raise bad(rel, "'data' is not a uint8 array of N x 3072 pixels")
+            key = "labels" if "labels" in entry else "fine_labels"  # CIFAR-10, CIFAR-100 (as torchvision)
+            y = np.asarray(entry.get(key, []))
+            if y.shape != (len(x),) or (len(y) and y.dtype.kind not in "iu"):
+                raise bad(rel, f"{len(x)} images but not as many integer {key!r}")
+            if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(names):
+                raise bad(rel, f"{key!r} outside 0..{len(names) - 1}, the classes {meta_rel} names")
+            xs.append(x)
+            ys.append(y.astype(np.int64))
+        x = np.concatenate(xs).reshape(-1, 3, 32, 32)  # each row: 1024 red, 1024 green, 1024 blue, row-major
+        splits.append((torch.from_numpy(x), torch.from_numpy(np.concatenate(ys))))
+    return splits, names
+
+
 def _load_torchvision(name: str, cls: type, root: Path, download: bool,
                       log: Callable[[str], None]) -> Dataset:
-    """Read a torchvision data set from root (downloading if allowed) straight from its .data/.targets."""
+    """Read a torchvision data set from root (downloading if allowed): MNIST through torchvision, CIFAR here."""
     expected = _expected_files(cls)
     missing = [rel for rel in expected if not (root / rel).is_file()]
     if missing:
@@ -176,20 +275,23 @@ def _load_torchvision(name: str, cls: type, root: Path, download: bool,
         except (OSError, RuntimeError) as e:
             raise DatasetError(f"{hint}, and downloading failed ({_one_line(e, last=True)}); {fix}, "
                                "or run where a network exists") from None
-    splits = []
-    try:
-        for train in (True, False):
-            ds = cls(str(root), train=train, download=False)
-            data = torch.as_tensor(ds.data)  # MNIST: tensor (N,H,W); CIFAR: numpy (N,H,W,C)
-            x = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
-            splits.append((x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)))
-    except (OSError, RuntimeError, ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError) as e:
-        folder = root / Path(expected[0]).parts[0]
-        raise DatasetError(f"{name}: cannot read the files in {folder} ({_one_line(e)}); "
-                           "pass --data-dir DIR pointing at intact files") from None
+    if issubclass(cls, tvd.CIFAR10):  # CIFAR100 too
+        splits, classes = _read_cifar(name, cls, root)
+    else:
+        splits = []
+        try:  # MNIST's idx files hold no pickle: torchvision's reader is safe
+            for train in (True, False):
+                ds = cls(str(root), train=train, download=False)
+                x = torch.as_tensor(ds.data).unsqueeze(1).contiguous()  # (N, H, W) -> (N, 1, H, W)
+                splits.append((x, torch.as_tensor(ds.targets, dtype=torch.int64)))
+        except (OSError, RuntimeError, ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+            folder = root / Path(expected[0]).parts[0]
+            raise DatasetError(f"{name}: cannot read the files in {folder} ({_one_line(e)}); "
+                               "pass --data-dir DIR pointing at intact files") from None
+        classes = list(ds.classes)
     log(f"{name}: {len(splits[0][0])} train, {len(splits[1][0])} test images from {root}")
     natural = not issubclass(cls, tvd.MNIST)  # MNIST-style: centred grey objects, trained without crops/flips
-    return _make(name, splits[0], splits[1], list(ds.classes), natural)
+    return _make(name, splits[0], splits[1], classes, natural)
 
 
 # ---------------------------------------------------------------- image folders
@@ -221,28 +323,71 @@ def _folder_key(root: Path, splits: dict[str, list[tuple[str, int]]]) -> str:
     return h.hexdigest()[:20]
 
 
-def _read_image(path: str, mode: str) -> np.ndarray:
-    """Decode one file to an (H, W, C) uint8 array with PIL, which ImageFolder itself uses."""
+# PIL modes of one grey channel: a folder decodes as one channel only when every image has one of them.
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+# What PIL raises for a file that is not an image, is truncated (with ImageFile.LOAD_TRUNCATED_IMAGES False, its
+# default, load() raises OSError) or damaged: its plugins are Python code that parses untrusted bytes.
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error,
+                 zlib.error, Image.DecompressionBombError)
+
+
+def _read_image(path: str) -> np.ndarray:
+    """Decode one file with PIL (which ImageFolder itself uses) to (H, W, 1) uint8 if its mode is grey, else to
+    (H, W, 3) RGB."""
     with Image.open(path) as im:
+        im.load()  # decode every pixel now, so a truncated file raises here
+        mode = "L" if im.mode in _GREY_MODES else "RGB"
         if im.mode != mode:
             im = im.convert(mode)
         return np.asarray(im).reshape(im.height, im.width, -1)  # "L" gives (H, W): add the channel axis
 
 
-def _decode(samples: list[tuple[str, int]], mode: str, size: tuple[int, int], desc: str) -> torch.Tensor:
-    """Decode a split into one preallocated (N, C, H, W) tensor, insisting every image has the same size."""
-    x = np.empty((len(samples), size[0], size[1], 1 if mode == "L" else 3), dtype=np.uint8)
-    for i, (path, _) in enumerate(tqdm(samples, desc=desc, unit="img", leave=False)):
-        img = _read_image(path, mode)
+def _size_error(path: str, got: tuple[int, ...], size: tuple[int, ...]) -> DatasetError:
+    return DatasetError(f"imagefolder: {path} is {got[1]}x{got[0]} but the images before it are {size[1]}x{size[0]}; "
+                        "all images must share one size (resize first)")
+
+
+def _decode(items: list[tuple[str, int]], size: tuple[int, ...] | None, desc: str,
+            unreadable: Callable[[str, BaseException], None]) -> tuple[np.ndarray | None, list[int]]:
+    """Decode a split in one pass into an (N, H, W, C) uint8 array (None if nothing was readable) and its labels.
+
+    C is 1 while every image so far is grey, and 3 from the first colour image on, the grey ones before it
+    repeated over R, G and B: the channel count follows all images, not the first. Every image must be `size`
+    (H, W), or the first one's when size is None. An unreadable file goes to unreadable(), which raises or records
+    it, and is then left out of both the images and the labels, so the two stay aligned.
+    """
+    x, labels = None, []
+    for path, label in tqdm(items, desc=desc, unit="img", leave=False):
+        try:
+            img = _read_image(path)
+        except _IMAGE_ERRORS as e:
+            unreadable(path, e)
+            continue
+        size = size or img.shape[:2]
         if img.shape[:2] != size:
-            raise DatasetError(f"imagefolder: {path} is {img.shape[1]}x{img.shape[0]} but the images before "
-                               f"it are {size[1]}x{size[0]}; all images must share one size (resize first)")
-        x[i] = img
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+            raise _size_error(path, img.shape[:2], size)
+        if x is None:
+            x = np.empty((len(items), *size, img.shape[2]), dtype=np.uint8)
+        elif img.shape[2] > x.shape[3]:  # the first colour image: from here on RGB
+            x = _to_rgb(x, len(labels), len(items))
+        x[len(labels)] = img  # a grey (H, W, 1) image broadcasts over an RGB slot's three channels
+        labels.append(label)
+    return (None if x is None else x[: len(labels)]), labels
 
 
-def _load_imagefolder(root: Path, log: Callable[[str], None]) -> Dataset:
-    """Load root/{train,test}/<class>/* once, then from a tensor cache keyed by the folder's contents."""
+def _to_rgb(x: np.ndarray, n: int, capacity: int | None = None) -> np.ndarray:
+    """The first n images of x as RGB in a new (capacity, H, W, 3) array: grey ones repeated over R, G and B."""
+    rgb = np.empty((capacity or n, *x.shape[1:3], 3), dtype=np.uint8)
+    rgb[:n] = x[:n]
+    return rgb
+
+
+def _load_imagefolder(root: Path, log: Callable[[str], None], skip_bad_images: bool = False) -> Dataset:
+    """Load root/{train,test}/<class>/* once, then from a tensor cache keyed by the folder's contents.
+
+    An unreadable image (not an image, truncated, damaged) is a DatasetError naming it, or with skip_bad_images
+    is left out of images and labels alike, and the number left out is logged.
+    """
     layout = f"expected {root}/train/<class>/* and {root}/test/<class>/* image files"
     folders = {}
     for split in ("train", "test"):
@@ -259,26 +404,51 @@ def _load_imagefolder(root: Path, log: Callable[[str], None]) -> Dataset:
     cache = _cache_path(root, _folder_key(root, samples))
     n = {split: len(s) for split, s in samples.items()}
 
+    def log_skipped(skipped: list[str]) -> None:
+        shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        log(f"imagefolder: skipped {len(skipped)} unreadable image(s) under {root} (--skip-bad-images): {shown}")
+
     if cache.is_file():
         try:
             blob = torch.load(cache, weights_only=True)  # plain tensors and strings: no code runs on load
             train, test = (blob["train_x"], blob["train_y"]), (blob["test_x"], blob["test_y"])
-            if blob["classes"] == classes and (len(train[1]), len(test[1])) == (n["train"], n["test"]):
+            skipped = list(blob["skipped"])  # files under root left out as unreadable
+            fits = (blob["version"] == _CACHE_VERSION and blob["classes"] == classes
+                    and len(train[1]) + len(test[1]) + len(skipped) == n["train"] + n["test"])
+            # Without skip_bad_images a cache that left files out is not used: decoding names the first one.
+            if fits and (skip_bad_images or not skipped):
                 log(f"imagefolder: cache hit {cache}")
+                if skipped:
+                    log_skipped(skipped)
                 return _make("imagefolder", train, test, classes, natural=True)
         # A damaged or foreign cache is only a lost shortcut: decode again.
-        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
             log(f"imagefolder: ignoring unreadable cache {cache} ({_one_line(e)})")
 
-    # Channel count follows the first image: grey folders stay 1-channel, anything else becomes RGB.
-    with Image.open(samples["train"][0][0]) as first:
-        mode = "L" if first.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
-        size = (first.height, first.width)
+    skipped: list[str] = []
+
+    def unreadable(path: str, err: BaseException) -> None:
+        if not skip_bad_images:
+            raise DatasetError(f"imagefolder: cannot read {path} ({_one_line(err)}); fix or remove it, or pass "
+                               "--skip-bad-images to leave unreadable images out")
+        skipped.append(str(Path(path).relative_to(root)))
+
     log(f"imagefolder: decoding {n['train']} train + {n['test']} test images from {root}")
-    xs = {split: _decode(s, mode, size, f"decoding {split}") for split, s in samples.items()}
-    ys = {split: torch.tensor([label for _, label in s], dtype=torch.int64) for split, s in samples.items()}
+    xs, ys, size = {}, {}, None
+    for split, items in samples.items():
+        x, labels = _decode(items, size, f"decoding {split}", unreadable)
+        if x is None:
+            raise DatasetError(f"imagefolder: no readable images in {root / split} ({len(skipped)} unreadable "
+                               f"left out); {layout}")
+        xs[split], ys[split], size = x, torch.tensor(labels, dtype=torch.int64), x.shape[1:3]
+    channels = max(x.shape[3] for x in xs.values())  # RGB if any image of either split is in colour
+    for split, x in xs.items():
+        x = _to_rgb(x, len(x)) if x.shape[3] < channels else x
+        xs[split] = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    if skipped:
+        log_skipped(skipped)
     blob = {"version": _CACHE_VERSION, "classes": classes, "train_x": xs["train"], "train_y": ys["train"],
-            "test_x": xs["test"], "test_y": ys["test"]}
+            "test_x": xs["test"], "test_y": ys["test"], "skipped": skipped}
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -357,9 +527,11 @@ def _load_synthetic(spec: SyntheticSpec) -> Dataset:
 # ---------------------------------------------------------------- public API
 
 def load_dataset(name: str, data_dir: str | Path = "data", *, download: bool = True,
-                 synthetic: SyntheticSpec | None = None, log: Callable[[str], None] | None = None) -> Dataset:
+                 synthetic: SyntheticSpec | None = None, log: Callable[[str], None] | None = None,
+                 skip_bad_images: bool = False) -> Dataset:
     """Load a named data set whole: from data_dir in torchvision's layout, an image folder, synthetic, or the
-    embedded mnist-mini (which ignores data_dir)."""
+    embedded mnist-mini (which ignores data_dir). skip_bad_images: leave an image folder's unreadable files out
+    (their count is logged) instead of stopping at the first."""
     log = log or (lambda _msg: None)
     root = Path(data_dir).expanduser()
     if name == "mnist-mini":
@@ -367,7 +539,7 @@ def load_dataset(name: str, data_dir: str | Path = "data", *, download: bool = T
     if name in _TORCHVISION:
         return _load_torchvision(name, _TORCHVISION[name], root, download, log)
     if name == "imagefolder":
-        return _load_imagefolder(root, log)
+        return _load_imagefolder(root, log, skip_bad_images)
     if name == "synthetic":
         return _load_synthetic(synthetic or SyntheticSpec())
     raise DatasetError(f"unknown dataset {name!r}; pass --dataset one of: {', '.join(DATASETS)}")

@@ -27,7 +27,8 @@ def get_dataset(cfg: Config, log) -> Dataset:
     """The run's data set, with the validation split carved out of train where one is asked for."""
     spec = SyntheticSpec(n_train=cfg.synthetic_train, n_test=cfg.synthetic_test, num_classes=cfg.synthetic_classes,
                          shape=tuple(cfg.synthetic_shape), seed=cfg.seed)
-    data = load_dataset(cfg.dataset, cfg.data_dir, synthetic=spec, log=log)
+    data = load_dataset(cfg.dataset, cfg.data_dir, synthetic=spec, log=log,
+                        skip_bad_images=cfg.skip_bad_images)
     # Choices made by looking at accuracy are made on a split of train; the test split stays unseen.
     return split_validation(data, cfg.validation, cfg.seed) if cfg.validation else data
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import socket
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -61,6 +65,80 @@ def test_cifar100_round_trip(tmp_path: Path) -> None:
     ds = load_dataset("cifar100", tmp_path, download=False)
     _check(ds, arrays, (3, 32, 32), 100)
     assert ds.classes[7] == "fine07"
+
+
+class _RunsCode:
+    """Unpickling this calls builtins.exec: what a crafted data file would do (here, only create a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def _repickle(path: Path, protocol: int = 2, as_bytes: bool = False, wrap: type = dict) -> None:
+    """Rewrite a CIFAR pickle as another writer would: another protocol, bytes keys and names, a dict subclass."""
+    with open(path, "rb") as f:
+        obj = pickle.load(f)
+    if as_bytes:
+        obj = {k.encode(): [n.encode() for n in v] if k.endswith("names") else v for k, v in obj.items()}
+    path.write_bytes(pickle.dumps(wrap(obj), protocol=protocol))
+
+
+def test_cifar_crafted_pickle_runs_no_code(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, n_train=10, n_test=4)
+    marker = tmp_path / "MARKER"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({"data": _RunsCode(marker), "labels": []}, protocol=2))
+    pickle.loads(batch.read_bytes())
+    assert marker.exists()  # the file really runs code when unpickled
+    marker.unlink()
+    with pytest.raises(DatasetError) as info:
+        load_dataset("cifar10", tmp_path, download=False)
+    message = str(info.value)
+    assert "\n" not in message and str(batch) in message and "exec" in message and "--data-dir" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol, as_bytes", [(2, True), (4, False), (5, True)])
+def test_cifar_repickled_files_load(tmp_path: Path, protocol: int, as_bytes: bool) -> None:
+    arrays = write_cifar100(tmp_path, n_train=12, n_test=5, seed=13)
+    for f in (tmp_path / "cifar-100-python").iterdir():
+        _repickle(f, protocol, as_bytes)
+    ds = load_dataset("cifar100", tmp_path, download=False)
+    _check(ds, arrays, (3, 32, 32), 100)
+    assert ds.classes[7] == "fine07"
+
+
+def test_cifar_official_checksum_takes_the_full_unpickler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arrays = write_cifar10(tmp_path, n_train=10, n_test=4, seed=14)
+    rel = "cifar-10-batches-py/data_batch_1"
+    _repickle(tmp_path / rel, wrap=OrderedDict)  # harmless, but a global the restricted reader refuses
+    with pytest.raises(DatasetError, match="collections.OrderedDict"):
+        load_dataset("cifar10", tmp_path, download=False)
+    blob = (tmp_path / rel).read_bytes()
+    assert not data._is_official(rel, blob) and data._CIFAR_MD5[rel] == torchvision.datasets.CIFAR10.train_list[0][1]
+    monkeypatch.setitem(data._CIFAR_MD5, rel, hashlib.md5(blob).hexdigest())  # as if these were the official bytes
+    assert data._is_official(rel, blob) and not data._is_official(rel, blob + b"x")
+    assert not data._is_official("cifar-10-batches-py/other", blob)
+    _check(load_dataset("cifar10", tmp_path, download=False), arrays, (3, 32, 32), 10)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda f: f.write_bytes(f.read_bytes()[:500]), "cannot read"),  # truncated
+    (lambda f: f.write_bytes(pickle.dumps([1, 2], protocol=2)), "not CIFAR's dict"),
+    (lambda f: f.write_bytes(pickle.dumps({"data": np.zeros((2, 5), np.uint8), "labels": [0, 1]})), "3072"),
+    (lambda f: f.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]})), "labels"),
+    (lambda f: f.write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [10]})), "0..9"),
+])
+def test_cifar_damaged_file_is_one_line_naming_it(tmp_path: Path, damage: Callable, expected: str) -> None:
+    write_cifar10(tmp_path, n_train=10, n_test=4)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    damage(batch)
+    with pytest.raises(DatasetError, match=expected) as info:
+        load_dataset("cifar10", tmp_path, download=False)
+    assert "\n" not in str(info.value) and str(batch) in str(info.value)
 
 
 @pytest.mark.parametrize("channels", [3, 1])
@@ -140,6 +218,103 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         load_dataset("imagefolder", tmp_path)
 
 
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _damage_header(f: Path) -> None:
+    b = bytearray(f.read_bytes())
+    b[8:40] = bytes(32)  # after PNG's signature: IHDR gone
+    f.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("fmt, damage", [
+    ("png", lambda f: f.write_text("not an image, whatever the name says")),  # mis-named
+    ("png", _truncate),
+    ("jpg", _truncate),
+    ("png", _damage_header),
+])
+def test_imagefolder_unreadable_image_is_one_line_naming_it(tmp_path: Path, fmt: str, damage: Callable) -> None:
+    write_imagefolder(tmp_path, n_per_class=3, size=16, seed=15, fmt=fmt)
+    victim = tmp_path / "train" / "dog" / f"0001.{fmt}"
+    damage(victim)
+    with pytest.raises(DatasetError) as info:
+        load_dataset("imagefolder", tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and str(victim) in message and "--skip-bad-images" in message
+    assert not (tmp_path / ".sam_cls_cache").exists()
+
+
+def test_imagefolder_skip_bad_images_keeps_labels_aligned(tmp_path: Path) -> None:
+    train_x, train_y, test_x, test_y = write_imagefolder(tmp_path, n_per_class=4, classes=("a", "b", "c"),
+                                                         seed=16)
+    bad = {"train": [1, 6], "test": [11]}  # in sorted order: a/0001, b/0002, c/0003
+    for split, rows in bad.items():
+        for i in rows:
+            f = tmp_path / split / "abc"[i // 4] / f"{i % 4:04d}.png"
+            (f.write_text("garbage") if i == 1 else _truncate(f))
+    logs: list[str] = []
+    ds = load_dataset("imagefolder", tmp_path, log=logs.append, skip_bad_images=True)
+    keep = {split: [i for i in range(12) if i not in rows] for split, rows in bad.items()}
+    assert torch.equal(ds.train_x, torch.from_numpy(train_x[keep["train"]]))
+    assert torch.equal(ds.train_y, torch.from_numpy(train_y[keep["train"]]))
+    assert torch.equal(ds.test_x, torch.from_numpy(test_x[keep["test"]]))
+    assert torch.equal(ds.test_y, torch.from_numpy(test_y[keep["test"]]))
+    assert any("skipped 3 unreadable" in m for m in logs)
+
+    logs.clear()  # the cache remembers what it left out ...
+    again = load_dataset("imagefolder", tmp_path, log=logs.append, skip_bad_images=True)
+    assert any("cache hit" in m for m in logs) and any("skipped 3 unreadable" in m for m in logs)
+    assert torch.equal(again.train_x, ds.train_x) and torch.equal(again.test_y, ds.test_y)
+    with pytest.raises(DatasetError, match=r"train/a/0001\.png"):  # ... so without the flag it is no way round
+        load_dataset("imagefolder", tmp_path)
+
+
+def test_imagefolder_channels_follow_all_images(tmp_path: Path) -> None:
+    train_x, *_ = write_imagefolder(tmp_path, n_per_class=2, seed=17)
+    grey = train_x[0, 0]
+    Image.fromarray(grey).save(tmp_path / "train" / "cat" / "0000.png")  # the first file in sort order
+    ds = load_dataset("imagefolder", tmp_path)
+    assert ds.image_shape == (3, 8, 8)
+    assert torch.equal(ds.train_x[0], torch.from_numpy(grey).expand(3, 8, 8))  # grey spread over R, G, B
+    assert torch.equal(ds.train_x[1:], torch.from_numpy(train_x[1:]))
+
+
+def test_imagefolder_one_colour_test_image_makes_train_rgb(tmp_path: Path) -> None:
+    train_x, _, test_x, _ = write_imagefolder(tmp_path, n_per_class=2, seed=20, channels=1)
+    colour = np.random.default_rng(0).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(tmp_path / "test" / "dog" / "0001.png")  # the very last file read
+    ds = load_dataset("imagefolder", tmp_path)
+    assert ds.image_shape == (3, 8, 8) and ds.test_x.shape == (4, 3, 8, 8)
+    assert torch.equal(ds.train_x, torch.from_numpy(train_x).expand(-1, 3, -1, -1))
+    assert torch.equal(ds.test_x[:3], torch.from_numpy(test_x[:3]).expand(-1, 3, -1, -1))
+    assert torch.equal(ds.test_x[3], torch.from_numpy(colour.transpose(2, 0, 1)))
+
+
+def test_imagefolder_all_grey_modes_give_one_channel(tmp_path: Path) -> None:
+    train_x, *_ = write_imagefolder(tmp_path, n_per_class=2, seed=18, channels=1)
+    last = tmp_path / "test" / "dog" / "0001.png"
+    Image.fromarray(np.zeros((8, 8, 2), np.uint8), "LA").save(last)  # grey with alpha is still grey
+    ds = load_dataset("imagefolder", tmp_path)
+    assert ds.image_shape == (1, 8, 8) and torch.equal(ds.train_x, torch.from_numpy(train_x))
+
+
+def test_imagefolder_ignores_a_cache_of_the_old_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_imagefolder(tmp_path, n_per_class=2, seed=19)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train" / "cat" / "0000.png")
+    with monkeypatch.context() as m:  # what version 1 cached for this folder: one channel, as its first image
+        m.setattr(data, "_CACHE_VERSION", 1)
+        old = load_dataset("imagefolder", tmp_path)
+        (cache,) = (tmp_path / ".sam_cls_cache").glob("*.pt")
+        torch.save({"version": 1, "classes": old.classes, "train_x": old.train_x[:, :1].contiguous(),
+                    "train_y": old.train_y, "test_x": old.test_x[:, :1].contiguous(), "test_y": old.test_y,
+                    "skipped": []}, cache)
+        assert load_dataset("imagefolder", tmp_path).image_shape == (1, 8, 8)  # version 1 would reuse it
+    logs: list[str] = []
+    ds = load_dataset("imagefolder", tmp_path, log=logs.append)
+    assert ds.image_shape == (3, 8, 8) and any("decoding" in m for m in logs)
+
+
 @pytest.mark.parametrize("name, expected", [
     ("mnist", "MNIST/raw/train-images-idx3-ubyte"),
     ("fashion-mnist", "FashionMNIST/raw/t10k-labels-idx1-ubyte"),
@@ -166,7 +341,7 @@ class MNIST(torchvision.datasets.MNIST):  # torchvision derives the folder name 
     mirrors: ClassVar = [_refused_url()]
 
 
-class CIFAR100(data._CIFAR100):
+class CIFAR100(torchvision.datasets.CIFAR100):
     url = _refused_url() + "cifar-100-python.tar.gz"
 
 
