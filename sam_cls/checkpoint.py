@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import zlib
 from pathlib import Path
 
 import torch
@@ -239,8 +240,30 @@ def _keep(path: Path, as_path: Path) -> None:
     os.replace(tmp, as_path)
 
 
+CHECKSUM_KEY = "tensors_crc32"  # a checkpoint's own checksum of its tensors' bytes
+
+
+def tensors_crc32(obj, crc: int = 0) -> int:
+    """CRC-32 of every tensor's bytes in a nested state, in a fixed order: torch.load does not check its data."""
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().reshape(-1)
+        return zlib.crc32(flat.view(torch.uint8).numpy() if flat.numel() else b"", crc)
+    if isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            if key != CHECKSUM_KEY:
+                crc = tensors_crc32(obj[key], zlib.crc32(str(key).encode(), crc))
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            crc = tensors_crc32(item, crc)
+    return crc
+
+
 def atomic_save(obj: dict, path: Path) -> None:
-    """Write, flush to disk, then rename, so an interrupted or failed save leaves the previous file whole."""
+    """Write, flush to disk, then rename, so an interrupted or failed save leaves the previous file whole.
+
+    The file carries a checksum of its tensors, so a flipped byte inside one is found when it is loaded.
+    """
+    obj = {**obj, CHECKSUM_KEY: tensors_crc32(obj)}
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
@@ -249,7 +272,7 @@ def atomic_save(obj: dict, path: Path) -> None:
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise
+            raise OSError(e.errno, e.strerror, e.filename or str(path)) from None  # say which file
         # torch reports a short write (a full disk, say) as a RuntimeError from its zip writer.
         free = shutil.disk_usage(path.parent).free
         code = errno.ENOSPC if free < 1 << 20 else errno.EIO
@@ -263,7 +286,12 @@ def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"missing {path}: rebuild it with `sam-cls rebuild-index --run {path.parent}`")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the file is corrupt or not a sam-cls file; "
                               f"re-run training or `sam-cls rebuild-index --run {path.parent}`") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a sam-cls checkpoint (a {type(state).__name__}, not a dict)")
+    if CHECKSUM_KEY in state and state[CHECKSUM_KEY] != tensors_crc32(state):
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
+    return state

@@ -48,6 +48,10 @@ class MemoryClassifier:
                                   f"{str(e).splitlines()[0]}") from e
         self.encoder.to(device).eval()
         self.memory = MemoryBank.from_state_dict(state["memory"], device)
+        labels = self.memory.labels
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.classes):
+            raise CheckpointError(f"{run.checkpoint}: cell labels outside the run's {len(self.classes)} classes; "
+                                  "the file is corrupt")
         cells = state.get("cells")
         if cells is None:  # as trained: every cell is the training example its row holds
             cells = {"source": torch.zeros(self.memory.size, dtype=torch.int32),

@@ -115,3 +115,19 @@ def test_a_crash_between_commit_and_rename_is_finished_by_the_next_writer(tmp_pa
 def test_an_unreadable_run_is_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         sam_cls.load(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("key,offset", [("embeddings", 4 * 2112 + 3), ("labels", 8 * 150)])
+def test_a_flipped_byte_inside_a_tensor_is_found(tmp_path, key, offset):
+    # torch.load reads tensor data without checking it: the checkpoint's own checksum does.
+    train(config(tmp_path), log=quiet)
+    run = RunDir(tmp_path / "run")
+    raw = bytearray(run.checkpoint.read_bytes())
+    tensor = load_tensors(run.checkpoint)["memory"][key]
+    raw[raw.find(tensor.numpy().tobytes()) + offset] ^= 0xFF
+    run.checkpoint.write_bytes(raw)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_tensors(run.checkpoint)
+    said = []
+    clf = sam_cls.load(run.path, device="cpu", log=said.append)  # the previous generation, and it says so
+    assert "checksum mismatch" in said[0] and clf.state["epoch"] == 1

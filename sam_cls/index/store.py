@@ -38,6 +38,8 @@ def write_index_file(path: str | Path, header: dict, payload) -> dict:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk says which file it was writing
+        raise OSError(e.errno, e.strerror, e.filename or str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return header
