@@ -338,7 +338,11 @@ class Campaign:
             proc.join()
             self.not_injected["kill:random (finished first)"] += 1
             return False
-        os.kill(proc.pid, signal.SIGKILL)
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it finished between the check and the kill
+            proc.join()
+            return False
         proc.join()
         left = state_of(run)
         repro = f"{self.cmd(variant)} & sleep {delay:.3f}; kill -9 $!; sam-cls evaluate --run R --json"
@@ -360,7 +364,11 @@ class Campaign:
             proc.join()
             self.not_injected["kill:random-resume (finished first)"] += 1
             return False
-        os.kill(proc.pid, signal.SIGKILL)
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it finished between the check and the kill
+            proc.join()
+            return False
         proc.join()
         left = state_of(run)
         repro = (f"{FAULT_ENV}=metrics:2 {self.cmd(variant)}; sam-cls train --out R --resume --epochs {EPOCHS} & "

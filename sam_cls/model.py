@@ -41,9 +41,16 @@ def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
 
+# The smallest image side each encoder's pooling leaves at least one pixel of.
+MIN_SIDE = {"linear": 1, "conv1": 2, "cnn": 8}
+
+
 def build_body(name: str, image_shape: tuple[int, int, int], dim: int) -> nn.Module:
     """The three encoder bodies: the seed's Linear and 1Conv, and a small CNN that trains on a CPU."""
     c, h, w = image_shape
+    if name in MIN_SIDE and min(h, w) < MIN_SIDE[name]:
+        raise ValueError(f"the {name} encoder needs images of at least {MIN_SIDE[name]}x{MIN_SIDE[name]} pixels, got "
+                         f"{h}x{w}: use larger images or --encoder linear")
     if name == "linear":
         return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, dim))
     if name == "conv1":

@@ -131,3 +131,21 @@ def test_a_flipped_byte_inside_a_tensor_is_found(tmp_path, key, offset):
     said = []
     clf = sam_cls.load(run.path, device="cpu", log=said.append)  # the previous generation, and it says so
     assert "checksum mismatch" in said[0] and clf.state["epoch"] == 1
+
+
+def test_images_too_small_for_the_encoder_are_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cnn encoder needs images of at least 8x8"):
+        train(config(tmp_path, encoder="cnn", synthetic_shape=[1, 4, 4]), log=quiet)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_run_directory_is_one_clear_error(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    try:
+        with pytest.raises(OSError) as caught:
+            train(config(tmp_path), log=quiet)
+        assert caught.value.filename and str(run) in caught.value.filename
+    finally:
+        run.chmod(0o755)
