@@ -329,51 +329,40 @@ class Campaign:
         self.record(f"kill:{point}", recover(self.runner, run, ref), repro, run, **facts)
 
     def random_kill(self, variant: str, rng: random.Random) -> bool:
-        ref = self.refs[variant]
         run = self.fresh(f"random-{variant}")
-        delay = rng.uniform(0, ref.seconds)
-        proc, _ = self.runner.start(train_argv(variant, run))
-        time.sleep(delay)
-        if proc.exitcode is not None or not proc.is_alive():
-            proc.join()
-            self.not_injected["kill:random (finished first)"] += 1
-            return False
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # it finished between the check and the kill
-            proc.join()
-            return False
-        proc.join()
-        left = state_of(run)
-        repro = f"{self.cmd(variant)} & sleep {delay:.3f}; kill -9 $!; sam-cls evaluate --run R --json"
-        self.record("kill:random", recover(self.runner, run, ref), repro, run, variant=variant,
-                    delay_s=round(delay, 4), of_s=round(ref.seconds, 4), left=left)
-        return True
+        return self._kill_at_random("kill:random", variant, run, train_argv(variant, run), rng,
+                                    f"{self.cmd(variant)} & ")
 
     def random_resume_kill(self, variant: str, rng: random.Random) -> bool:
         """A resume from epoch 1's commit, SIGKILLed after a random time in [0, T]."""
-        ref = self.refs[variant]
         run = self.fresh(f"random-resume-{variant}")
         code, log = self.runner.run(train_argv(variant, run), fault="metrics:2")
         if code != -signal.SIGKILL:
             sys.exit(f"error: {FAULT_ENV}=metrics:2 did not kill the run ({code}):\n{log[-2000:]}")
+        return self._kill_at_random("kill:random-resume", variant, run,
+                                    ["train", "--out", str(run), "--resume", "--epochs", str(EPOCHS)], rng,
+                                    f"{FAULT_ENV}=metrics:2 {self.cmd(variant)}; "
+                                    f"sam-cls train --out R --resume --epochs {EPOCHS} & ")
+
+    def _kill_at_random(self, kind: str, variant: str, run: Path, argv: list[str], rng: random.Random,
+                        started: str) -> bool:
+        """Start argv, SIGKILL it after a random time in [0, T] and judge what it left; False if it ended first."""
+        ref = self.refs[variant]
         delay = rng.uniform(0, ref.seconds)
-        proc, _ = self.runner.start(["train", "--out", str(run), "--resume", "--epochs", str(EPOCHS)])
+        proc, _ = self.runner.start(argv)
         time.sleep(delay)
-        if proc.exitcode is not None or not proc.is_alive():
-            proc.join()
-            self.not_injected["kill:random-resume (finished first)"] += 1
-            return False
         try:
+            if proc.exitcode is not None or not proc.is_alive():
+                raise ProcessLookupError
             os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # it finished between the check and the kill
+        except ProcessLookupError:  # it finished before (or between the check and) the kill
             proc.join()
+            self.not_injected[f"{kind} (finished first)"] += 1
             return False
         proc.join()
         left = state_of(run)
-        repro = (f"{FAULT_ENV}=metrics:2 {self.cmd(variant)}; sam-cls train --out R --resume --epochs {EPOCHS} & "
-                 f"sleep {delay:.3f}; kill -9 $!; sam-cls evaluate --run R --json")
-        self.record("kill:random-resume", recover(self.runner, run, ref), repro, run, variant=variant,
+        repro = f"{started}sleep {delay:.3f}; kill -9 $!; sam-cls evaluate --run R --json"
+        self.record(kind, recover(self.runner, run, ref), repro, run, variant=variant,
                     delay_s=round(delay, 4), of_s=round(ref.seconds, 4), left=left)
         return True
 
