@@ -29,10 +29,9 @@ def friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from sam_cls.checkpoint import CheckpointError
-        from sam_cls.config import ConfigError
+        from sam_cls.config import ConfigError, TrainingError
         from sam_cls.data import DatasetError
         from sam_cls.index import IndexMismatchError
-        from sam_cls.train import TrainingError
 
         try:
             return fn(*args, **kwargs)

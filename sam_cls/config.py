@@ -29,6 +29,10 @@ class ConfigError(ValueError):
     """A bad option value; the message names the option and how to fix it."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on under these options (e.g. a NaN loss); the message says what to change."""
+
+
 def _meta(help: str, *, choices: tuple[str, ...] | None = None, ge=None, gt=None, le=None, lt=None,
          shown: str | None = None, metavar: str | None = None) -> dict:
     """What a Config field's flag needs besides its default and type.

@@ -10,7 +10,7 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from sam_cls.checkpoint import CheckpointError, RunDir, check_resumable, fault_point
-from sam_cls.config import Config, ConfigError, make_config
+from sam_cls.config import Config, ConfigError, TrainingError, make_config
 from sam_cls.data import augment
 from sam_cls.evaluate import encode_all
 from sam_cls.index import IndexRefresher
@@ -18,10 +18,6 @@ from sam_cls.memory import MemoryBank
 from sam_cls.model import calibrate_batchnorm
 from sam_cls.modes import lays_out_memory, make_mode
 from sam_cls.setup import get_dataset, index_params, make_encoder, resolve_device
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a NaN loss); the message says what to change."""
 
 
 class Trainer:

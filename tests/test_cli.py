@@ -144,3 +144,12 @@ def test_default_data_set_trains_offline_without_data_options(tmp_path, monkeypa
     evaluated = last_json(run("evaluate", "--run", out, "--json"))
     assert evaluated["n"] == 1000 and evaluated["accuracy"] == pytest.approx(summary["test_acc"], abs=1e-6)
     assert not (tmp_path / "data").exists()
+
+
+def test_using_a_run_does_not_import_the_training_module():
+    import subprocess
+    import sys
+
+    code = "import sys, sam_cls, sam_cls.run, sam_cls.cli; print('sam_cls.train' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False"]
