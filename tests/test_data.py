@@ -302,8 +302,10 @@ def test_imagefolder_all_grey_modes_give_one_channel(tmp_path: Path) -> None:
 def test_imagefolder_ignores_a_cache_of_the_old_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_imagefolder(tmp_path, n_per_class=2, seed=19)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train" / "cat" / "0000.png")
+    from sam_cls import imagefolder
+
     with monkeypatch.context() as m:  # what version 1 cached for this folder: one channel, as its first image
-        m.setattr(data, "_CACHE_VERSION", 1)
+        m.setattr(imagefolder, "_CACHE_VERSION", 1)
         old = load_dataset("imagefolder", tmp_path)
         (cache,) = (tmp_path / ".sam_cls_cache").glob("*.pt")
         torch.save({"version": 1, "classes": old.classes, "train_x": old.train_x[:, :1].contiguous(),
