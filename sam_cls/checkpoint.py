@@ -18,9 +18,8 @@ import zlib
 from pathlib import Path
 
 import torch
-import yaml
 
-from sam_cls.config import Config, ConfigError, make_config
+from sam_cls.config import Config, save_config
 from sam_cls.index.store import digest, read_header
 
 
@@ -187,17 +186,10 @@ class RunDir:
                 f"written by `sam-cls train --out DIR`"
             )
 
-    def load_config(self, **overrides) -> Config:
-        if not self.config.is_file():
-            raise CheckpointError(f"no {self.config.name} in {self.path}: is it a sam-cls run directory?")
-        try:
-            return make_config(self.config, **overrides)
-        except ConfigError as e:
-            raise CheckpointError(f"bad {self.config}: {e}") from e
-
     def save_config(self, cfg: Config | dict) -> None:
+        """config.yaml, a copy for people of the config a checkpoint holds (written after its commit)."""
         tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(cfg if isinstance(cfg, dict) else cfg.to_dict(), sort_keys=False))
+        save_config(cfg, tmp)
         os.replace(tmp, self.config)
 
     def append_metrics(self, record: dict) -> None:

@@ -285,5 +285,5 @@ def make_config(file: str | Path | None = None, **overrides) -> Config:
     return Config(**values).validate()
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: Config | dict, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg if isinstance(cfg, dict) else cfg.to_dict(), sort_keys=False))
