@@ -48,12 +48,18 @@ def fault_point(name: str) -> None:
 
 
 # Options a resumed run may not change: they define what the checkpoint's tensors and optimizer state mean.
-STRUCTURAL = ("dataset", "validation", "encoder", "head", "dim", "synthetic_train", "synthetic_classes",
+STRUCTURAL = ("dataset", "validation", "copies", "encoder", "head", "dim", "synthetic_train", "synthetic_classes",
               "synthetic_shape", "seed", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs")
 
 
-def check_resumable(state: dict, cfg: Config, device_type: str) -> None:
-    """A checkpoint continues only under the options and device it was trained with; else say which differ."""
+def check_resumable(state: dict, cfg: Config, device_type: str, world_size: int = 1) -> None:
+    """A checkpoint continues only under the options, device and number of ranks it was trained with; else say
+    which differ."""
+    trained = state.get("shards", {}).get("world_size", 1)
+    if trained != world_size:  # each rank's shard is a block of cells: another P would need a reshard
+        how = "`sam-cls train --resume`" if trained == 1 else f"torchrun with {trained} ranks in all"
+        raise CheckpointError(f"the run was trained on {trained} rank(s) and this job has {world_size}: resume it "
+                              f"with {how} (the memory is sharded by rank and is not resharded)")
     saved = state.get("config", {})
     changed = [k for k in STRUCTURAL if k in saved and saved[k] != getattr(cfg, k)]
     if changed:
@@ -128,19 +134,25 @@ class RunDir:
         """Save an index and the checkpoint it belongs to so that a crash at any point leaves a consistent
         pair: the index goes to a side file named by its checksum, the current generation is kept as the
         previous one, the checkpoint (naming the index by that checksum) replaces the old one (the commit
-        point), then the index takes its place and config.yaml follows."""
-        scratch = self.path / ".index.next.tmp"
-        want = digest(index.save(scratch))
-        pending = self.pending_index(want)
-        os.replace(scratch, pending)
+        point), then the index takes its place and config.yaml follows.
+
+        index=None commits a checkpoint that names other files itself (a sharded run's shards, each with its
+        own index built at load: shard_files.py); the index of an earlier generation is left as it is."""
+        if index is not None:
+            scratch = self.path / ".index.next.tmp"
+            want = digest(index.save(scratch))
+            pending = self.pending_index(want)
+            os.replace(scratch, pending)
+            state = {**state, "index_digest": want}
         fault_point("index")
         if self.checkpoint.is_file():
             _keep(self.checkpoint, self.previous)
             if self.index.is_file():
                 _keep(self.index, self.previous_index)
-        atomic_save({**state, "index_digest": want}, self.checkpoint)
+        atomic_save(state, self.checkpoint)
         fault_point("checkpoint")
-        os.replace(pending, self.index)
+        if index is not None:
+            os.replace(pending, self.index)
         fault_point("config")
         self.save_config(state["config"])
         for stale in self.path.glob(".index-*.next"):  # left by a crash before an earlier commit's rename

@@ -22,12 +22,14 @@ import torch
 
 from sam_cls.checkpoint import CheckpointError, RunDir
 from sam_cls.config import Config, ConfigError, make_config
+from sam_cls.copies import cell_images
 from sam_cls.evaluate import classify, encode_all
 from sam_cls.images import ImageLike, image_files, to_batch
-from sam_cls.index import MemoryIndex, load_index
+from sam_cls.index import MemoryIndex, build_index, load_index
 from sam_cls.memory import MemoryBank
 from sam_cls.model import build_encoder
 from sam_cls.setup import index_params, resolve_device
+from sam_cls.shard_files import gather_shards, is_sharded
 
 
 class MemoryClassifier:
@@ -120,10 +122,13 @@ class MemoryClassifier:
                 for c, s, w in zip(cells[:neighbours], scores[:neighbours], weights[:neighbours], strict=True)]
 
     def describe(self, cell: int) -> str:
-        """Where a cell came from: `mnist train #12`, a file path, or `python #3`."""
+        """Where a cell came from: `mnist train #12`, `mnist train #12 copy 3`, a file path, or `python #3`."""
         source, item = self.sources[int(self.cell_source[cell])], int(self.cell_item[cell])
         if source["kind"] == "files":
             return str(Path(source["root"]) / source["files"][item])
+        images = self.state["data"].get("train_images")
+        if source["kind"] == "dataset" and source.get("copies", 1) > 1 and images:
+            return f"{source['name']} #{item % images} copy {item // images}"
         return f"{source['name']} #{item}"
 
     def cell_images(self, cells: Sequence[int], log=None) -> list[torch.Tensor | None]:
@@ -139,7 +144,8 @@ class MemoryClassifier:
                     out.append(to_batch(Path(source["root"]) / source["files"][item], self.image_shape)[0])
                 elif source["kind"] == "dataset":
                     data = data or get_dataset(self.cfg, log or (lambda _: None))
-                    out.append(data.train_x[item])
+                    # A deformed copy's pixels are regenerated from its seed, exactly as training made them.
+                    out.append(cell_images(data.train_x, torch.tensor([item]), source.get("seed", 0))[0])
                 else:
                     out.append(None)
             except DatasetError:
@@ -230,7 +236,8 @@ class MemoryClassifier:
 
 def training_source(cfg: Config) -> dict:
     """The source of a trained memory's cells: the training split (less a validation share) of its data set."""
-    return {"kind": "dataset", "name": f"{cfg.dataset} train", "validation": cfg.validation}
+    return {"kind": "dataset", "name": f"{cfg.dataset} train", "validation": cfg.validation,
+            "copies": cfg.copies, "seed": cfg.seed}
 
 
 def load(path: str | Path, device: str = "auto", log=None, index: bool = True) -> MemoryClassifier:
@@ -241,6 +248,8 @@ def load(path: str | Path, device: str = "auto", log=None, index: bool = True) -
     """
     run = RunDir(path)
     state = run.load_state(log=log)
+    sharded = is_sharded(state)
+    state = gather_shards(run, state)  # a distributed run's shards, as one memory (a no-op for others)
     try:  # the config the checkpoint was trained with, not config.yaml beside it (a copy for people)
         cfg = make_config(None, **state["config"])
     except (KeyError, TypeError, ConfigError) as e:
@@ -254,5 +263,8 @@ def load(path: str | Path, device: str = "auto", log=None, index: bool = True) -
     memory_size, dim = state["memory"]["embeddings"].shape
     if not index:
         return MemoryClassifier(run, cfg, state, dev, None)
+    if sharded:  # each shard's index covered its own cells only: one over all of them, built now
+        memory = state["memory"]["embeddings"].to(dev)
+        return MemoryClassifier(run, cfg, state, dev, build_index(memory, index_params(cfg, dev), max(cfg.topk, 1)))
     saved = load_index(run.index_file(state), index_params(cfg, dev), expect_dim=dim, expect_size=memory_size)
     return MemoryClassifier(run, cfg, state, dev, saved)

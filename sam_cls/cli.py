@@ -138,8 +138,14 @@ def train(config_file, resume, as_json, **options) -> None:
 
     With no options it trains on mnist-mini, the 5,000 + 1,000 MNIST digits shipped with sam-cls.
     """
-    from sam_cls.train import resume as resume_training
-    from sam_cls.train import train as run_training
+    from sam_cls.distributed import launched
+
+    if launched():  # a worker of `torchrun ... -m sam_cls train`: data parallel, the memory sharded by rank
+        from sam_cls.train_distributed import resume as resume_training
+        from sam_cls.train_distributed import train as run_training
+    else:
+        from sam_cls.train import resume as resume_training
+        from sam_cls.train import train as run_training
 
     if resume:
         from sam_cls.config import ConfigError
@@ -148,9 +154,11 @@ def train(config_file, resume, as_json, **options) -> None:
             raise ConfigError("--resume continues the run in --out RUN_DIR with its own config: give --out, not --config")
         # Options given now (e.g. more --epochs) override the config the run's checkpoint was trained with.
         given = {k: v for k, v in options.items() if v is not None}
-        report(resume_training(given.pop("out"), log=log, **given), as_json)
+        result = resume_training(given.pop("out"), log=log, **given)
     else:
-        report(run_training(make_config(config_file, **options), log=log), as_json)
+        result = run_training(make_config(config_file, **options), log=log)
+    if result is not None:  # None: a distributed job's rank other than 0, which leaves the report to rank 0
+        report(result, as_json)
 
 
 BALANCED_HELP = ("Weigh every class as if it held as many cells as the others: what a class added from a few "
@@ -278,15 +286,20 @@ def evaluate(run_dir, device, topk, data_dir, plot, balanced, as_json) -> None:
 @main.command("rebuild-index")
 @run_options
 @index_options
+@click.option("--copies", type=click.IntRange(min=1), help="Grow the memory to C cells per training image first "
+              "(deformed copies, encoded by the run's encoder; no training).")
+@click.option("--data-dir", help="Override the run's data folder (for --copies).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def rebuild_index(run_dir, device, as_json, **options) -> None:
+def rebuild_index(run_dir, device, copies, data_dir, as_json, **options) -> None:
     """Rebuild a run's index over its memory (any back-end); options not given keep the run's own."""
-    from sam_cls.run import rebuild_run_index
+    from sam_cls.run import expand_memory, rebuild_run_index, run_data
     from sam_cls.setup import index_params
 
     with RunDir(run_dir).lock():
         clf = load(run_dir, device, index=False)  # the saved index may be the reason for the rebuild
+        if copies is not None:
+            expand_memory(clf, run_data(clf, data_dir, log), copies, log)
         clf.cfg = make_config(None, **{**clf.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})
         report(rebuild_run_index(clf, index_params(clf.cfg, clf.device), log), as_json)
 

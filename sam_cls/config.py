@@ -67,6 +67,9 @@ class Config:
                                    "instead of stopping at the first.")
     validation: float = option(0.0, "Hold out this share of train and report accuracy on it instead of test "
                                "(0 = off).", ge=0, lt=1)
+    copies: int = option(1, "Memory cells per training image: copy 0 is the image, copies 1.. are seeded elastic "
+                         "and affine deformations of it, made on the fly (a memory C times the training set).",
+                         ge=1)
     synthetic_train: int = option(5000, "Train images of --dataset synthetic.", ge=1)
     synthetic_test: int = option(1000, "Test images of --dataset synthetic.", ge=1)
     synthetic_classes: int = option(10, "Classes of --dataset synthetic.", ge=2)
@@ -141,6 +144,9 @@ class Config:
                 raise ConfigError(f"--{flag(f.name)} must be {bounds_text(spec)}, got {value}")
         if self.support_sample == 1:
             raise ConfigError("--support-sample must be 0 (off) or at least 2, got 1")
+        if self.copies > 1 and (self.head != "memory" or self.topk == 0 or self.support_sample):
+            raise ConfigError(f"--copies {self.copies} needs the sparse memory read (--head memory, --topk > 0, "
+                              "no --support-sample): use --copies 1 with this mode")
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
             raise ConfigError(f"--synthetic-shape must be three positive sizes C,H,W, got {self.synthetic_shape}")
         if self.rebuild_every not in ("epoch", "auto") and not (

@@ -73,13 +73,19 @@ class SparseMemory(MemoryRead):
         return super().checks_finite(u) or not self.refresher.index.searches_non_finite
 
     def log_probs(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        own = self.memory.rows[idx]  # the batch's own cells: the memory keeps its index's layout, not examples'
-        # K + 1 candidates so that dropping the query's own cell still leaves K.
+        copies = self.cfg.copies
+        # K + copies candidates so that dropping the query's own cells (its image and its deformed copies: a
+        # near-duplicate would make the loss trivial) still leaves K.
         with record_function("search"):
-            _, ids = self.refresher.search(u.detach(), self.cfg.topk + 1)
+            _, ids = self.refresher.search(u.detach(), self.cfg.topk + copies)
         ids = ids.to(u.device)
+        if copies == 1:  # the batch's own rows: the memory keeps its index's layout, not examples'
+            own = self.memory.rows[idx]
+        else:  # cell c * N + e is copy c of image e: own cells share e
+            n = self.memory.size // copies
+            own = self.memory.example_ids[ids] % n == (idx % n).unsqueeze(1)
         return sparse_read(u, ids, self.memory.embeddings, self.memory.labels, self.num_classes,
-                           self.cfg.temperature, exclude=exclusion_mask(ids, own))
+                           self.cfg.temperature, exclude=exclusion_mask(ids, own, self.cfg.topk))
 
     def after_step(self, idx: torch.Tensor, u: torch.Tensor, step: int) -> None:
         self.write(idx, u, step)

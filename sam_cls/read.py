@@ -106,12 +106,17 @@ def sparse_read(
     return SparseRead.apply(u, ids, memory.detach(), labels, num_classes, temperature, exclude)
 
 
-def exclusion_mask(ids: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-    """Mask for a search of K + 1 candidates that leaves exactly K: the query's own cell, else the last."""
-    mask = ids == own.unsqueeze(1)
-    # A query whose own cell was not among the K + 1 drops its farthest candidate instead, so every
-    # training read averages over the same number of cells.
-    mask[:, -1] |= ~mask.any(dim=1)
+def exclusion_mask(ids: torch.Tensor, own: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Mask for a search of K + extra candidates that leaves exactly K: the query's own cells, then the farthest.
+
+    own is each query's own row (B,), or a (B, K + extra) mask of the candidates that are its own (every copy of
+    its source image in a memory of deformed copies); k defaults to one fewer than the candidates.
+    """
+    mask = own.clone() if own.dtype == torch.bool else ids == own.unsqueeze(1)
+    k = ids.shape[1] - 1 if k is None else k
+    # A query with fewer own cells among the candidates than the search allowed for drops its farthest others
+    # instead, so every training read averages over the same number of cells.
+    mask |= (~mask).cumsum(dim=1) > k
     return mask
 
 

@@ -8,9 +8,11 @@ import torch
 
 from sam_cls.classifier import MemoryClassifier
 from sam_cls.config import ConfigError
+from sam_cls.copies import encode_cells
 from sam_cls.data import Dataset
 from sam_cls.evaluate import encode_all
 from sam_cls.index import IndexParams, build_index, recall_at_k
+from sam_cls.memory import MemoryBank
 from sam_cls.setup import get_dataset
 
 
@@ -53,6 +55,44 @@ def evaluate_run(clf: MemoryClassifier, data: Dataset, topk: int | None = None, 
     return {"accuracy": round(100.0 * (predicted == truth).float().mean().item(), 3),
             "top5": round(100.0 * (ranked == truth[:, None]).any(1).float().mean().item(), 3),
             "topk": topk, "n": len(truth), "per_class": per_class}
+
+
+@torch.no_grad()
+def expand_memory(clf: MemoryClassifier, data: Dataset, copies: int, log=print) -> int:
+    """Grow a trained run's memory to `copies` cells per training image with its own encoder (no training).
+
+    The cells it has keep their embeddings; copies it lacks are made and encoded as training would have.
+    Returns the number of cells added; the caller rebuilds the index and commits.
+    """
+    cfg, n = clf.cfg, len(data.train_y)
+    if clf.state.get("edited") not in (None, False, "copies"):
+        raise ConfigError("the run's memory was changed by `sam-cls add` or `forget`: --copies grows a memory as "
+                          "trained, so expand it before editing (or train a new run with --copies)")
+    if copies < cfg.copies:
+        raise ConfigError(f"--copies {copies} is below the run's {cfg.copies}: a memory only grows (use forget "
+                          f"to remove cells)")
+    if clf.memory.size != cfg.copies * n or list(data.classes) != clf.classes:
+        raise ConfigError(f"the run's memory has {clf.memory.size} cells of {len(clf.classes)} classes, the data "
+                          f"set {n} training images of {len(data.classes)}: check --data-dir")
+    if copies == cfg.copies:
+        return 0
+    start = time.perf_counter()
+    memory = clf.memory
+    new = encode_cells(clf.encoder, data.train_x.to(clf.device), copies, cfg.seed, cfg.eval_batch_size,
+                       start=cfg.copies * n)
+    # Cell order again (an IVF build may have laid the rows out by list): cell c * N + e is copy c of image e.
+    clf.memory = MemoryBank(torch.cat([memory.embeddings[memory.rows], new.to(memory.embeddings)]),
+                            data.train_y.to(memory.labels.device).repeat(copies))
+    clf.cell_source = torch.zeros(clf.memory.size, dtype=torch.int32)
+    clf.cell_item = torch.arange(clf.memory.size)
+    clf.cfg = replace(cfg, copies=copies)
+    clf.sources = [{**clf.sources[0], "copies": copies, "seed": cfg.seed}]
+    clf.state["data"] = {**clf.state["data"], "train_images": n}
+    # Training continues only from the memory it trained: its epochs and schedule assumed the old size.
+    clf.state["edited"] = "copies"
+    log(f"memory grown from {memory.size} to {clf.memory.size} cells ({copies} per training image) in "
+        f"{time.perf_counter() - start:.1f}s")
+    return len(new)
 
 
 def rebuild_run_index(clf: MemoryClassifier, params: IndexParams, log=print) -> dict:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from sam_cls.checkpoint import CheckpointError, RunDir, check_resumable, fault_point
 from sam_cls.config import Config, ConfigError, TrainingError, make_config
+from sam_cls.copies import cell_images, encode_cells
 from sam_cls.data import augment
 from sam_cls.evaluate import encode_all
 from sam_cls.index import IndexRefresher
@@ -30,14 +31,15 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)  # weight initialisation; batches and crops have generators of their own
         self.data = get_dataset(cfg, log)
-        n = len(self.data.train_y)
-        if cfg.topk > n - 2:
-            raise ConfigError(f"--topk {cfg.topk} is larger than the memory allows ({n} cells, one excluded as the "
-                              f"query's own): use --topk <= {n - 2}, or 0 for the dense read")
+        n = len(self.data.train_y) * cfg.copies  # cells: copy c of image e is cell c * N + e
+        if cfg.topk > n - cfg.copies - 1:
+            raise ConfigError(f"--topk {cfg.topk} is larger than the memory allows ({n} cells, {cfg.copies} excluded "
+                              f"as the query's own): use --topk <= {n - cfg.copies - 1}, or 0 for the dense read")
         if cfg.support_sample > n:
             raise ConfigError(f"--support-sample {cfg.support_sample} exceeds the {n} training images")
         # Data lives on the training device and is augmented there in batches (no per-image Python work).
         self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
+        self.cell_y = self.train_y.repeat(cfg.copies)  # every cell's label; batches draw cells, not images
         self.encoder = make_encoder(cfg, self.data).to(self.device)
         self.opt = torch.optim.SGD(self.encoder.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                    weight_decay=cfg.weight_decay)
@@ -78,7 +80,7 @@ class Trainer:
             **({"index_centroids": centroids} if centroids is not None else {}),
             # What using the run needs without its data set: class names and the input shape.
             "data": {"name": self.cfg.dataset, "classes": list(self.data.classes),
-                     "image_shape": list(self.data.image_shape)},
+                     "image_shape": list(self.data.image_shape), "train_images": len(self.train_y)},
             "step": self.step, "epoch": self.epoch, "train_seconds": self.train_seconds,
             "device_type": self.device.type,
             "rng": {"torch": torch.get_rng_state(), "perm": self.perm_gen.get_state(), "pass": self.pass_rng,
@@ -87,9 +89,20 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         check_resumable(state, self.cfg, self.device.type)
+        self.load_training(state)
+        self.memory = MemoryBank.from_state_dict(state["memory"], self.device)
+        if self.memory.size != len(self.cell_y):
+            raise CheckpointError(f"checkpoint memory has {self.memory.size} cells but the data set makes "
+                                  f"{len(self.cell_y)} ({self.cfg.copies} per training image): check --dataset/--data-dir")
+        self.resume_centroids = state.get("index_centroids")  # absent in older checkpoints: a cold k-means
+
+    def load_training(self, state: dict) -> None:
+        """Everything but the memory: encoder, optimiser, schedule, progress and generators (a sharded run's
+        ranks share these and each load a memory of their own)."""
         if state.get("edited"):
-            raise CheckpointError("the run's memory was changed by `sam-cls add` or `forget` since it trained, so "
-                                  "training cannot continue from it: train a new run with --out")
+            raise CheckpointError("the run's memory was changed by `sam-cls add`, `forget` or `rebuild-index "
+                                  "--copies` since it trained, so training cannot continue from it: train a new "
+                                  "run with --out")
         try:
             self.encoder.load_state_dict(state["encoder"])
         except RuntimeError as e:
@@ -97,12 +110,7 @@ class Trainer:
                                   f"({str(e).splitlines()[0]}): train a new run with --out") from e
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        self.memory = MemoryBank.from_state_dict(state["memory"], self.device)
-        if self.memory.size != len(self.train_y):
-            raise CheckpointError(f"checkpoint memory has {self.memory.size} cells but the data set has "
-                                  f"{len(self.train_y)} training images: check --dataset/--data-dir")
         self.step, self.epoch = state["step"], state["epoch"]
-        self.resume_centroids = state.get("index_centroids")  # absent in older checkpoints: a cold k-means
         self.committed = True
         self.train_seconds = state.get("train_seconds", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
@@ -111,7 +119,8 @@ class Trainer:
         self.aug_gen.set_state(state["rng"]["aug"])
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.train_x[idx]
+        """The pixels of cells idx: training images, or their deformed copies (regenerated, never stored)."""
+        x = self.train_x[idx] if self.cfg.copies == 1 else cell_images(self.train_x, idx, self.cfg.seed)
         return augment(x, self.aug_gen) if self.cfg.augment and self.data.natural else x
 
     def diverged(self, value) -> TrainingError:
@@ -122,7 +131,7 @@ class Trainer:
 
     def train_epoch(self, max_steps: int | None = None) -> dict:
         """The rest of the current pass over the training set (cut short by --max-seconds or `max_steps`)."""
-        cfg, n, mode = self.cfg, len(self.train_y), self.mode
+        cfg, n, mode = self.cfg, len(self.cell_y), self.mode
         self.encoder.train()
         first = self.step % self.steps_per_epoch  # > 0 only when a time budget cut the pass and a resume continues it
         if first == 0:
@@ -149,7 +158,7 @@ class Trainer:
                 raise self.diverged("nan")
             with record_function("read"):
                 log_probs = mode.log_probs(u, idx)
-            loss = F.nll_loss(log_probs, self.train_y[idx])
+            loss = F.nll_loss(log_probs, self.cell_y[idx])
             if i % 20 == 0:  # a host sync every step would stall a GPU; every 20 still catches a NaN early
                 value = loss.item()
                 if not math.isfinite(value):
@@ -162,7 +171,7 @@ class Trainer:
                 self.opt.step()
                 self.sched.step()
             # Training accuracy as the seed's curves show it: the augmented batch, its own cell excluded.
-            correct += (log_probs.detach().argmax(1) == self.train_y[idx]).sum()
+            correct += (log_probs.detach().argmax(1) == self.cell_y[idx]).sum()
             loss_sum += loss.detach() * len(idx)
             seen += len(idx)
             self.step += 1
@@ -182,7 +191,7 @@ class Trainer:
         cfg = self.cfg
         if self.memory is None:
             calibrate_batchnorm(self.encoder, self.train_x, cfg.batch_size)
-            self.memory = MemoryBank(self.encode_memory(), self.train_y)
+            self.memory = MemoryBank(self.encode_memory(), self.cell_y)
         # "epoch" is served by the rebuild fit() forces before each evaluation.
         every = {"auto": "auto", "epoch": None}.get(cfg.rebuild_every, cfg.rebuild_every)
         every = every if every in ("auto", None) else int(every)
@@ -199,7 +208,10 @@ class Trainer:
         self.memory.replace(self.encode_memory(), self.step)
 
     def encode_memory(self) -> torch.Tensor:
-        return encode_all(self.encoder, self.train_x, self.cfg.eval_batch_size, desc="memory")
+        cfg = self.cfg
+        if cfg.copies == 1:
+            return encode_all(self.encoder, self.train_x, cfg.eval_batch_size, desc="memory")
+        return encode_cells(self.encoder, self.train_x, cfg.copies, cfg.seed, cfg.eval_batch_size)
 
     def save(self, run: RunDir) -> None:
         run.commit(self.state_dict(), self.refresher.index)

@@ -22,7 +22,7 @@ from sam_cls.index import (
     recall_at_k,
 )
 from sam_cls.index._faiss import OPENMP_NOT_SHARED, has_faiss_gpu, openmp_shared_with_torch
-from sam_cls.index.params import default_nprobe, default_train_nprobe
+from sam_cls.index.params import default_nlist, default_nprobe, default_train_nprobe
 from sam_cls.index.synthetic import clustered_embeddings
 
 KINDS = [kind for kind in INDEX_KINDS if kind != "auto"]
@@ -239,6 +239,23 @@ def test_refresher_reads_at_the_training_depth(small):
     assert torch.equal(flat.search(q, 40)[1], exact_search(x, q, 40)[1])  # exact kinds search in full
     # CIFAR-10's memory: 50k cells in 894 lists, K + 1 = 257 -> 19 lists read in training, 74 in evaluation.
     assert (default_train_nprobe(50_000, 894, 257), default_nprobe(50_000, 894, 257)) == (19, 74)
+
+
+def test_the_default_depths_grow_with_the_memory():
+    # Lists hold ~sqrt(N)/4 cells, so a fixed number of them is a shrinking share of a growing memory: the
+    # defaults keep scanning a share of the lists (1/64 at evaluation, 1/400 in training) at any N.
+    sizes = [10**5, 10**6, 3 * 10**6, 10**7, 10**8, 10**9]
+    depths = [(default_nlist(n), default_nprobe(n, default_nlist(n), 257), default_train_nprobe(n, default_nlist(n), 257))
+              for n in sizes]
+    for (nlist, nprobe, train_nprobe), n in zip(depths, sizes, strict=True):
+        assert nlist / 64 <= nprobe <= nlist and max(8, nlist / 400) <= train_nprobe <= nprobe, n
+    evaluation = [nprobe for _, nprobe, _ in depths]
+    training = [train_nprobe for _, _, train_nprobe in depths]
+    assert evaluation == sorted(evaluation) and evaluation[-1] > 10 * evaluation[1]
+    # (Below 1e6 the training depth is set by candidates a query, which longer lists hold in fewer of them.)
+    assert training[1:] == sorted(training[1:]) and training[-1] > 10 * training[1]
+    # A 1e7-cell memory: 12,649 lists, 198 of them read at evaluation and 32 in training (32 and 8 before).
+    assert depths[3] == (12649, 198, 32)
 
 
 def test_hnsw_ef_search_below_k_raises(small):

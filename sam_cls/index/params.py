@@ -22,11 +22,19 @@ TRAIN_POINTS_PER_LIST = 64
 # (docs/INDEX.md; tests/test_index.py holds the defaults to 0.95).
 PROBE_CANDIDATES_PER_K = 16
 MIN_NPROBE = 32
+# ...and at least this share of the lists. A fixed number of lists is a shrinking share of a memory as it grows
+# (lists hold ~sqrt(N)/4 cells): at 1e7 synthetic cells 32 lists found half the exact top-256
+# (results/index_bench.json), where a query's true neighbours spread over about 1% of the lists.
+PROBE_LIST_SHARE = 1 / 64
 # A training read tolerates a much shallower search: it only needs the cells that carry its softmax. On
 # CIFAR-10/conv1's trained memory a quarter of the evaluation depth kept the read's loss and accuracy and
 # halved the search (results/train_depth.json). Evaluation keeps the deeper default.
 TRAIN_PROBE_CANDIDATES_PER_K = 4
 MIN_TRAIN_NPROBE = 8
+# As PROBE_LIST_SHARE, for the training read: the shallowest depth whose test accuracy stayed within 0.1 point
+# of the exact read's grew with N on deformed-MNIST memories, from 6e4 to 3e6 cells a share of 0.4% to 0.23%
+# of the lists (results/large_memory.json, the depth sweeps).
+TRAIN_PROBE_LIST_SHARE = 1 / 400
 # ...and a lighter ivfpq re-rank: it reads k_factor * k scattered SQ8 codes a query, which at large N is most
 # of the search; at 1e6 synthetic cells k_factor 2 cut the training search by more than half for a few
 # points of recall (docs/INDEX.md).
@@ -83,13 +91,15 @@ def default_nlist(n: int) -> int:
 
 
 def default_nprobe(n: int, nlist: int, k: int) -> int:
-    """Scan enough lists to see ~16k candidates, at least 32 lists, at most all of them."""
-    return _lists_for(PROBE_CANDIDATES_PER_K * k, n, nlist, MIN_NPROBE)
+    """Scan enough lists to see ~16k candidates and 1/64 of the lists, at least 32 lists, at most all of them."""
+    return _lists_for(PROBE_CANDIDATES_PER_K * k, n, nlist, max(MIN_NPROBE, math.ceil(nlist * PROBE_LIST_SHARE)))
 
 
 def default_train_nprobe(n: int, nlist: int, k: int) -> int:
-    """The training read's probe depth: ~4k candidates, at least 8 lists, never deeper than default_nprobe."""
-    return min(default_nprobe(n, nlist, k), _lists_for(TRAIN_PROBE_CANDIDATES_PER_K * k, n, nlist, MIN_TRAIN_NPROBE))
+    """The training read's probe depth: ~4k candidates and 1/400 of the lists, at least 8 lists, never deeper
+    than default_nprobe."""
+    floor = max(MIN_TRAIN_NPROBE, math.ceil(nlist * TRAIN_PROBE_LIST_SHARE))
+    return min(default_nprobe(n, nlist, k), _lists_for(TRAIN_PROBE_CANDIDATES_PER_K * k, n, nlist, floor))
 
 
 def _lists_for(candidates: int, n: int, nlist: int, floor: int) -> int:
