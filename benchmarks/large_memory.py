@@ -1,6 +1,6 @@
 """Memories larger than the training set, from deformed copies of real images: accuracy and cost up to 1e7 cells.
 
-    python benchmarks/large_memory.py --work /tmp/large-memory      # MNIST 6e4..1e7, CIFAR-10, trained runs
+    python benchmarks/large_memory.py                               # MNIST 6e4..1e7, CIFAR-10, trained runs (work: runs/large-memory)
     python benchmarks/large_memory.py --quick                       # synthetic images, tiny: a smoke run
 
 (a) Fixed encoder: conv1 trained on the training images (EPOCHS), then memories of C deformed copies per image
