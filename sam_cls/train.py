@@ -192,11 +192,8 @@ class Trainer:
         if self.memory is None:
             calibrate_batchnorm(self.encoder, self.train_x, cfg.batch_size)
             self.memory = MemoryBank(self.encode_memory(), self.cell_y)
-        # "epoch" is served by the rebuild fit() forces before each evaluation.
-        every = {"auto": "auto", "epoch": None}.get(cfg.rebuild_every, cfg.rebuild_every)
-        every = every if every in ("auto", None) else int(every)
         self.refresher = IndexRefresher(self.memory.embeddings, index_params(cfg, self.device), k=max(cfg.topk, 1) + 1,
-                                        rebuild_every=every, staleness_threshold=cfg.staleness_threshold,
+                                        rebuild_every=rebuild_policy(cfg), staleness_threshold=cfg.staleness_threshold,
                                         background=cfg.background_rebuild, log=self.log, seed=cfg.seed,
                                         centroids=self.resume_centroids,
                                         reorder=self.memory.reorder if lays_out_memory(cfg) else None)
@@ -245,6 +242,13 @@ class Trainer:
         return {"test_acc": record.get("test_acc"), "epochs": record.get("epoch"),
                 "seconds": round(time.perf_counter() - run_start, 2), "run_dir": str(run.path),
                 "images_per_s": record.get("images_per_s")}
+
+
+def rebuild_policy(cfg: Config) -> int | str | None:
+    """--rebuild-every as IndexRefresher takes it: steps, "auto", or None for "epoch" (fit() rebuilds before
+    each evaluation anyway)."""
+    every = {"auto": "auto", "epoch": None}.get(cfg.rebuild_every, cfg.rebuild_every)
+    return every if every in ("auto", None) else int(every)
 
 
 def fresh_run_dir(cfg: Config) -> Path:

@@ -28,7 +28,7 @@ from sam_cls.model import calibrate_batchnorm
 from sam_cls.setup import index_params, resolve_device
 from sam_cls.shard_files import load_shard, sweep_shards, write_shard
 from sam_cls.shards import Shard, ShardedMemory, ShardRefresher
-from sam_cls.train import Trainer, fresh_run_dir
+from sam_cls.train import Trainer, fresh_run_dir, rebuild_policy
 
 
 def check_options(cfg: Config, world: int) -> None:
@@ -38,7 +38,7 @@ def check_options(cfg: Config, world: int) -> None:
                    # A background build finishes at a different step on each rank, and the ranks' indices
                    # would then rebuild apart: the policy must be decided alike everywhere.
                    "--background-rebuild": cfg.background_rebuild,
-                   "--copies": getattr(cfg, "copies", 1) > 1}
+                   "--copies": cfg.copies > 1}
     named = [name for name, used in unsupported.items() if used]
     if named:
         raise ConfigError(f"{', '.join(named)} is not supported by distributed training (torchrun); train it in "
@@ -79,10 +79,8 @@ class DistributedTrainer(Trainer):
             calibrate_batchnorm(self.encoder, self.train_x, cfg.batch_size)  # the same sample on every rank
             self.memory = MemoryBank(self.encode_memory(), self.train_y[self.start : self.stop])
         shard = Shard(self.memory, self.ranges, comm.rank)
-        every = {"auto": "auto", "epoch": None}.get(cfg.rebuild_every, cfg.rebuild_every)
-        every = every if every in ("auto", None) else int(every)
         self.refresher = shard.refresher = ShardRefresher(
-            comm, self.memory.embeddings, index_params(cfg, self.device), k=cfg.topk + 1, rebuild_every=every,
+            comm, self.memory.embeddings, index_params(cfg, self.device), k=cfg.topk + 1, rebuild_every=rebuild_policy(cfg),
             staleness_threshold=cfg.staleness_threshold, log=self.log, seed=cfg.seed,
             centroids=self.resume_centroids, reorder=self.memory.reorder)
         norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.encoder.modules())
