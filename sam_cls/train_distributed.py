@@ -253,4 +253,7 @@ def _fit(run: RunDir, config_for, resume: bool, log) -> dict | None:
             raise TrainingError(f"a rank of the job was lost ({str(e).splitlines()[0]}); {kept}: resume with the "
                                 f"same torchrun command and --resume --out {run.path}") from e
         comm.barrier()
+    # Leave the group before the interpreter exits: gloo's threads torn down at exit while a peer still talks
+    # can abort the process (SIGABRT) after a run that finished.
+    dist.destroy_process_group()
     return {**result, "ranks": comm.world} if lead else None
