@@ -157,22 +157,28 @@ def measure_point(work: Path, dataset: str, copies: int, quick: bool) -> dict:
     start = time.perf_counter()
     index = build_index(memory, IndexParams(), k=k, seed=0)
     build_s = time.perf_counter() - start
+    phase("depth calibration")  # as `sam-cls rebuild-index` and a trainer's evaluation rebuild choose it
+    start = time.perf_counter()
+    calibration = index.calibrate(memory, print)
+    calibrate_s = time.perf_counter() - start
     search_all(index, u[:QUERY_BATCH], k)  # warm-up: first-call allocations and thread start-up
     start = now()
     ids = search_all(index, u, k)
     index_acc = accuracy(u, ids, memory, labels, truth, classes)
     queries_per_s = len(u) / (now() - start)
     recall = float(knn_intersection_measure(ids.numpy(), exact_ids.numpy()))
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
+    peak_classify = peak_rss_mb()  # memory, index and the test queries' reads: what classifying holds
+    with tempfile.TemporaryDirectory(dir=work) as tmp:  # saving serializes the index in memory first
         index.save(Path(tmp) / "index")
         index_bytes = (Path(tmp) / "index").stat().st_size
     row = {"dataset": dataset, "n_cells": n, "copies": copies, "exact_acc": exact_acc, "index_acc": index_acc,
            "index": index.description, "recall_at_k": round(recall, 4), "build_s": round(build_s, 2),
            "queries_per_s": round(queries_per_s, 1), "bytes_per_cell": round(memory[0].nbytes + index_bytes / n, 1),
-           "index_bytes_per_cell": round(index_bytes / n, 1), "peak_rss_mb": peak_rss_mb(),
+           "index_bytes_per_cell": round(index_bytes / n, 1), "peak_rss_mb": peak_classify,
+           "peak_rss_save_mb": peak_rss_mb(),
            "encode_s": round(encode_s, 1), "exact_search_s": round(exact_s, 1), "k": k,
-           **({"nprobe": int(index._get("nprobe")), "train_nprobe": index.train_nprobe}
-              if index.kind in ("ivf", "ivfpq") else {})}
+           **({"nprobe": int(index._get("nprobe")), "train_nprobe": index.train_nprobe, "calibration": calibration,
+               "calibrate_s": round(calibrate_s, 1)} if index.kind in ("ivf", "ivfpq") else {})}
     phase("depth sweep")
     row["sweep"] = sweep(index, u, k, exact_ids, lambda found: accuracy(u, found, memory, labels, truth, classes))
     learned = index.learned()  # the training index below starts from these centroids: no second k-means
@@ -185,8 +191,9 @@ def measure_point(work: Path, dataset: str, copies: int, quick: bool) -> dict:
     refresher = IndexRefresher(bank.embeddings, IndexParams(), k=k + 1, rebuild_every=None, seed=0, recall_sample=0,
                                centroids=learned, reorder=bank.reorder)
     idx, batch = make_batches(bank, 8, seed=0)
-    row["step_ms"] = round(median_ms(lambda i: sparse_step(bank, refresher, idx[i % 8], batch[i % 8], i),
-                                     repeats=STEP_REPEATS)["total"], 2)
+    laps = median_ms(lambda i: sparse_step(bank, refresher, idx[i % 8], batch[i % 8], i), repeats=STEP_REPEATS)
+    row["step_ms"] = round(laps["total"], 2)
+    row["step_parts_ms"] = {part: round(ms, 2) for part, ms in laps.items() if part != "total"}
     row["peak_rss_train_mb"] = peak_rss_mb()
     return row
 
@@ -197,7 +204,7 @@ def synthetic_point(n: int, k: int) -> dict:
     cells, queries = clustered_embeddings(n, 128, seed=0, n_queries=1000)
     _, exact = exact_search(cells, queries, k)
     start = time.perf_counter()
-    index = build_index(cells, IndexParams(), k=k, seed=0)
+    index = build_index(cells, IndexParams(), k=k, seed=0, calibrate=True)
     build_s = time.perf_counter() - start
     found = search_all(index, queries, k)
     return {"n_cells": n, "index": index.description, "build_s": round(build_s, 1), "recall_at_k": round(float(

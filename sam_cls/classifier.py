@@ -265,6 +265,7 @@ def load(path: str | Path, device: str = "auto", log=None, index: bool = True) -
         return MemoryClassifier(run, cfg, state, dev, None)
     if sharded:  # each shard's index covered its own cells only: one over all of them, built now
         memory = state["memory"]["embeddings"].to(dev)
-        return MemoryClassifier(run, cfg, state, dev, build_index(memory, index_params(cfg, dev), max(cfg.topk, 1)))
+        index = build_index(memory, index_params(cfg, dev), max(cfg.topk, 1), calibrate=True)
+        return MemoryClassifier(run, cfg, state, dev, index)
     saved = load_index(run.index_file(state), index_params(cfg, dev), expect_dim=dim, expect_size=memory_size)
     return MemoryClassifier(run, cfg, state, dev, saved)

@@ -100,7 +100,7 @@ def rebuild_run_index(clf: MemoryClassifier, params: IndexParams, log=print) -> 
     embeddings = clf.memory.embeddings
     k = max(clf.cfg.topk, 1)
     start = time.perf_counter()
-    clf.index = build_index(embeddings, params, k=k, log=log)
+    clf.index = build_index(embeddings, params, k=k, log=log, calibrate=True)
     build_seconds = time.perf_counter() - start
     queries = embeddings[torch.randperm(len(embeddings), generator=torch.Generator().manual_seed(0))[:256]]
     recall = recall_at_k(clf.index, embeddings, queries, k)

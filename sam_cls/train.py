@@ -223,7 +223,8 @@ class Trainer:
             epoch = self.train_epoch()
             self.epoch = self.step // self.steps_per_epoch  # whole passes; a time budget may cut the last one short
             self.refresh_memory()
-            self.refresher.rebuild("evaluation")
+            # The evaluation depth by measured recall, unless --nprobe fixed it; training reads keep theirs.
+            self.refresher.rebuild("evaluation", calibrate=cfg.nprobe is None)
             test_acc = self.mode.accuracy(self.data)
             record = {"epoch": round(self.step / self.steps_per_epoch, 4), "step": self.step,
                       "train_loss": round(epoch["train_loss"], 5), "train_acc": round(epoch["train_acc"], 3),

@@ -58,10 +58,13 @@ def build_index(
     seed: int = 0,
     centroids: torch.Tensor | None = None,
     kmeans_iterations: int = WARM_KMEANS_ITERATIONS,
+    calibrate: bool = False,
 ) -> MemoryIndex:
     """Index L2-normalised (N, d) cells for inner-product top-k; kind="auto" picks by N, d, k and device.
 
     centroids and kmeans_iterations start an IVF kind's k-means (FaissIndex.build); other kinds ignore them.
+    calibrate chooses an IVF kind's evaluation depth by the recall it measures (MemoryIndex.calibrate); it is
+    for indices that classify, and only where params.nprobe leaves the depth open.
     """
     vectors = check_vectors(vectors)
     n, d = vectors.shape
@@ -77,8 +80,11 @@ def build_index(
     if kind == "torch":
         return TorchExactIndex(vectors, params.device)
     require_faiss()
-    return FaissIndex.build(vectors, kind, replace(params, kind=kind), k, log, seed=seed, centroids=centroids,
-                            kmeans_iterations=kmeans_iterations)
+    index = FaissIndex.build(vectors, kind, replace(params, kind=kind), k, log, seed=seed, centroids=centroids,
+                             kmeans_iterations=kmeans_iterations)
+    if calibrate and params.nprobe is None:
+        index.calibrate(vectors, log)
+    return index
 
 
 def load_index(

@@ -78,6 +78,11 @@ class MemoryIndex(ABC):
         run rebuilds this very index. None for kinds that learn nothing."""
         return None
 
+    def calibrate(self, vectors: torch.Tensor, log: Callable[[str], None] | None = None) -> dict | None:
+        """Set the evaluation depth by the recall it measures on a sample of `vectors` (the cells, in id
+        order); None for kinds with no depth to choose (calibrate.py)."""
+        return None
+
     def save(self, path: str | Path) -> dict:
         """Write the index with kind/metric/dim/size metadata so a later load can verify it; returns that."""
         backend, payload = self._payload()

@@ -11,6 +11,7 @@ import torch
 
 from ._faiss import GPU_MAX_K, GPU_MAX_NPROBE, omp_threads, require_faiss
 from .base import MemoryIndex, check_vectors
+from .calibrate import calibrate_depth
 from .factory import factory_string
 from .gpu import hnsw_quantizer, to_gpu, why_not_on_gpu
 from .layout import add_in_lists, list_layout
@@ -140,6 +141,21 @@ class FaissIndex(MemoryIndex):
         # A GPU index's trained, empty CPU form holds the same quantizer without copying its lists back.
         cpu = self.faiss.deserialize_index(self._template_bytes()) if self.on_gpu else self.index
         return self.faiss.extract_index_ivf(cpu).quantizer.reconstruct_n(0, self.nlist)
+
+    def calibrate(self, vectors: torch.Tensor, log: Callable[[str], None] | None = None) -> dict | None:
+        """IVF kinds: from the default depth for this N, deepen until a sample of the cells reads the recall
+        calibrate.py targets. Always from the default, so the depth is a function of the cells alone."""
+        if self.kind not in IVF_KINDS or not self.k:
+            return None
+        self._place()
+        self._set("nprobe", default_nprobe(self.size, self.nlist, self.k))
+        if self.kind == "ivfpq" and not self.on_gpu:
+            self._set("k_factor", REFINE_K_FACTOR)
+        limit = min(self.nlist, GPU_MAX_NPROBE) if self.on_gpu else self.nlist
+        result = calibrate_depth(self, check_vectors(vectors), self.k, self.seed, limit, log)
+        self.params = replace(self.params, nprobe=result["nprobe"])
+        self._describe()
+        return result
 
     learned = centroids  # what the interface calls it: what this index learned from the cells
 

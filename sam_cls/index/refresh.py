@@ -126,10 +126,11 @@ class IndexRefresher:
             return None
         return self._rebuild_now(reason, retrain=self._retrain_due(), step=step)
 
-    def rebuild(self, reason: str, retrain: bool = True) -> dict:
-        """Forced rebuild from the current memory (e.g. before evaluation); IVF kinds retrain by default."""
+    def rebuild(self, reason: str, retrain: bool = True, calibrate: bool = False) -> dict:
+        """Forced rebuild from the current memory (e.g. before evaluation); IVF kinds retrain by default, and
+        with calibrate choose their evaluation depth by measured recall (MemoryIndex.calibrate)."""
         self.close()  # a background build's snapshot is older than the memory now: drop it
-        return self._rebuild_now(reason, retrain=retrain)
+        return self._rebuild_now(reason, retrain=retrain, calibrate=calibrate)
 
     def close(self) -> None:
         """Wait for a background build, if any, and drop its result."""
@@ -172,7 +173,7 @@ class IndexRefresher:
             return 1.0
         return round(recall_at_k(index, snapshot, snapshot[self._recall_ids], self.k)["recall_at_k"], 4)
 
-    def _rebuild_now(self, reason: str, retrain: bool, step: int | None = None) -> dict:
+    def _rebuild_now(self, reason: str, retrain: bool, step: int | None = None, calibrate: bool = False) -> dict:
         start = time.perf_counter()
         before = self.staleness()
         snapshot = self.memory.detach()
@@ -183,6 +184,8 @@ class IndexRefresher:
             self.index.refresh(snapshot)
         self._lay_out(self.index.take_layout())  # snapshot is a view of the memory: it moves too
         self._steps_since = 0
+        if calibrate:
+            self.index.calibrate(snapshot, self.log)
         recall = self._recall(self.index, snapshot)
         job = {"snapshot": snapshot, "reason": reason, "before": before, "retrained": retrained, "step": step}
         return self._install(job, recall, time.perf_counter() - start, background=False)
