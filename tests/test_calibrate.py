@@ -28,12 +28,12 @@ def test_ivf_deepens_until_held_out_queries_read_the_target():
     lines = []
     result = index.calibrate(cells, lines.append)
     assert result["nprobe"] > default and result["recall_at_k"] >= RECALL_TARGET
-    assert index.params.nprobe == result["nprobe"] and f"nprobe={result['nprobe']}" in index.description
+    assert index._get("nprobe") == result["nprobe"] and f"nprobe={result['nprobe']}" in index.description
     assert held_out_recall(index, cells, queries, k) >= 0.95  # the sample of cells stood for unseen queries
     assert lines and f"nprobe {default} -> {result['nprobe']}" in lines[0]
     # The same cells and seed choose the same depth, through build_index too.
     again = build_index(cells, IndexParams(kind="ivf", nlist=256), k=k, seed=0, calibrate=True)
-    assert again.params.nprobe == result["nprobe"]
+    assert again._get("nprobe") == result["nprobe"]
 
 
 def test_ivfpq_reranks_deeper_when_more_lists_do_not_help():
@@ -44,7 +44,6 @@ def test_ivfpq_reranks_deeper_when_more_lists_do_not_help():
     result = index.calibrate(cells)
     assert result["k_factor"] > REFINE_K_FACTOR and result["recall_at_k"] >= RECALL_TARGET
     assert held_out_recall(index, cells, queries, 10) >= 0.95
-    assert index.train_k_factor == 2  # a training read keeps its light re-rank
 
 
 def test_the_depth_depends_on_the_cells_not_on_the_depth_before():
@@ -62,10 +61,31 @@ def test_a_given_nprobe_is_kept_and_exact_kinds_have_nothing_to_choose():
     assert build_index(cells, IndexParams(kind="flat"), k=k, calibrate=True).calibrate(cells) is None
 
 
-def test_an_evaluation_rebuild_calibrates_and_training_reads_keep_their_depth():
+def test_an_evaluation_rebuild_calibrates_and_a_resumed_run_rebuilds_alike():
+    """The calibrated depth serves evaluation only: training reads, the recall that decides the next retrain
+    and every later build are those of the default depth, so a run resumed from this index's centroids (at
+    the default depth) goes on exactly as the unbroken one."""
     cells, k = uniform(20_000, 32, 0), 10
-    refresher = IndexRefresher(cells.clone(), IndexParams(kind="ivf", nlist=256), k=k, rebuild_every=None, seed=0)
-    train_nprobe = refresher.index.train_nprobe
-    refresher.rebuild("evaluation", calibrate=True)
-    assert refresher.index.params.nprobe > default_nprobe(20_000, 256, k)
-    assert refresher.index.train_nprobe == train_nprobe
+    params = IndexParams(kind="ivf", nlist=256, train_nprobe=64)  # above the default depth (32): capped there
+    unbroken = IndexRefresher(cells.clone(), params, k=k, rebuild_every=None, seed=0)
+    train_nprobe = unbroken.index.train_nprobe
+    unbroken.rebuild("evaluation", calibrate=True)
+    assert unbroken.index._get("nprobe") > default_nprobe(20_000, 256, k) == unbroken.index.params.nprobe
+    assert unbroken.index.train_nprobe == train_nprobe == 32
+    resumed = IndexRefresher(unbroken.memory.clone(), params, k=k, rebuild_every=None, seed=0,
+                             centroids=unbroken.centroids())
+    assert resumed._retrain_next == unbroken._retrain_next
+    queries = uniform(200, 32, 1)
+    for refresher in (unbroken, resumed):
+        refresher.rebuild("drift", retrain=False)  # in place: back to the default depth
+    assert unbroken.history[-1]["recall_after"] == resumed.history[-1]["recall_after"]
+    assert torch.equal(unbroken.index.search(queries, k)[1], resumed.index.search(queries, k)[1])
+    assert torch.equal(unbroken.search(queries, k)[1], resumed.search(queries, k)[1])
+
+
+def test_a_cell_finding_itself_is_no_recall():
+    """At k = 1 each sample cell's nearest is itself, found at any depth: counted, the default would pass."""
+    cells = uniform(20_000, 32, 0)
+    index = build_index(cells, IndexParams(kind="ivf", nlist=256), k=1, seed=0)
+    result = index.calibrate(cells)
+    assert result["nprobe"] > default_nprobe(20_000, 256, 1) and result["recall_at_k"] < 1.0

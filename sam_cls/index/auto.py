@@ -83,7 +83,8 @@ def build_index(
     index = FaissIndex.build(vectors, kind, replace(params, kind=kind), k, log, seed=seed, centroids=centroids,
                              kmeans_iterations=kmeans_iterations)
     if calibrate and params.nprobe is None:
-        index.calibrate(vectors, log)
+        # Ids follow the list layout where the build chose one (the caller moves its rows by take_layout).
+        index.calibrate(vectors if index.layout is None else vectors[index.layout], log)
     return index
 
 

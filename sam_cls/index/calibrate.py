@@ -23,26 +23,39 @@ RECALL_TARGET = 0.96
 # 2 CPU cores, against a quarter of an hour for the build).
 SAMPLE_QUERIES = 512
 # Doubling nprobe that gains less than this means the lists are not what limits recall: ivfpq's PQ ranking
-# is, and a deeper re-rank (k_factor) is the knob that helps.
+# is, and a deeper re-rank (k_factor) is the knob that helps; ivf's 8-bit codes have no such knob, so it stops.
 MIN_GAIN = 0.005
 MAX_K_FACTOR = 64
 
 
+def without_own(ids: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """(B, k+1) ids less each row's own id (or its last, where the search missed it): (B, k). A sample cell
+    finds itself for free, which at small k would be most of its recall."""
+    drop = ids == own[:, None]
+    drop[:, -1] |= ~drop.any(1)
+    return ids[~drop].view(ids.shape[0], ids.shape[1] - 1)
+
+
 def calibrate_depth(index, vectors: torch.Tensor, k: int, seed: int, max_nprobe: int,
                     log: Callable[[str], None] | None = None) -> dict:
-    """Deepen an IVF FaissIndex (nprobe, then ivfpq's k_factor) until a sample of its cells reads
-    RECALL_TARGET of their exact top-k; returns what it measured."""
+    """Deepen an IVF FaissIndex (nprobe, then ivfpq's k_factor) until a sample of its cells (ids = rows of
+    vectors) reads RECALL_TARGET of their exact top-k; leaves the index at that depth, returns what it measured."""
     n = vectors.shape[0]
+    k = min(k, n - 1)
     generator = torch.Generator().manual_seed(seed)
-    queries = vectors[torch.randperm(n, generator=generator)[: min(SAMPLE_QUERIES, n)]]
-    _, exact_ids = exact_search(vectors, queries, k)
+    own = torch.randperm(n, generator=generator)[: min(SAMPLE_QUERIES, n)].to(vectors.device)
+    queries = vectors[own]
+    exact_ids = without_own(exact_search(vectors, queries, k + 1)[1], own).cpu().numpy()
+    # faiss's torch bridge searches a CPU index with CPU tensors only, a GPU index with its own device's.
+    queries = queries.to(index.gpu_device) if index.on_gpu else queries.cpu()
+    own = own.to(queries.device)
 
     def recall_at(nprobe: int, k_factor: float | None) -> float:
         index._set("nprobe", nprobe)
         if k_factor is not None:
             index._set("k_factor", k_factor)
-        found = index.index.search(queries, k)[1]  # the faiss index itself: no -1 widening needed to count hits
-        return float(knn_intersection_measure(found.cpu().numpy(), exact_ids.cpu().numpy()))
+        found = index.index.search(queries, k + 1)[1]  # the faiss index itself: a missing id (-1) is a miss
+        return float(knn_intersection_measure(without_own(found, own).cpu().numpy(), exact_ids))
 
     refines = index.kind == "ivfpq" and not index.on_gpu
     nprobe, k_factor = int(index._get("nprobe")), index._get("k_factor") if refines else None
@@ -51,12 +64,12 @@ def calibrate_depth(index, vectors: torch.Tensor, k: int, seed: int, max_nprobe:
     while recall < RECALL_TARGET:
         deeper = min(max_nprobe, 2 * nprobe)
         gain = recall_at(deeper, k_factor) - recall if deeper > nprobe else 0.0
-        if gain >= MIN_GAIN or (deeper > nprobe and not refines):
+        if gain >= MIN_GAIN:
             nprobe, recall = deeper, recall + gain
         elif refines and k_factor < MAX_K_FACTOR:
             k_factor *= 2
             recall = recall_at(nprobe, k_factor)
-        else:  # as deep as this index goes
+        else:  # more lists stopped helping, and there is no re-rank to deepen: as deep as this index goes
             break
     recall_at(nprobe, k_factor)  # leave the index at the depth chosen
     result = {"nprobe": nprobe, "k_factor": k_factor, "recall_at_k": round(recall, 4), "queries": len(queries),

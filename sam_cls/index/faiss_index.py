@@ -59,6 +59,8 @@ class FaissIndex(MemoryIndex):
             self.params = replace(params, kind=kind, ef_search=self._get("efSearch"))
         else:
             self.params = replace(params, kind=kind)
+        # ivfpq's re-rank depth as built or saved: a refresh returns to it, as to params.nprobe (see calibrate).
+        self._k_factor = cpu_index.k_factor if kind == "ivfpq" else None
         self._describe()
 
     # -- construction ---------------------------------------------------------------------------------
@@ -144,7 +146,11 @@ class FaissIndex(MemoryIndex):
 
     def calibrate(self, vectors: torch.Tensor, log: Callable[[str], None] | None = None) -> dict | None:
         """IVF kinds: from the default depth for this N, deepen until a sample of the cells reads the recall
-        calibrate.py targets. Always from the default, so the depth is a function of the cells alone."""
+        calibrate.py targets. Always from the default, so the depth is a function of the cells alone.
+
+        This index searches (and saves) at the depth found; `params` keep the default, so a rebuild over other
+        cells, and the training depth capped by it, are what they would be without calibration.
+        """
         if self.kind not in IVF_KINDS or not self.k:
             return None
         self._place()
@@ -153,7 +159,6 @@ class FaissIndex(MemoryIndex):
             self._set("k_factor", REFINE_K_FACTOR)
         limit = min(self.nlist, GPU_MAX_NPROBE) if self.on_gpu else self.nlist
         result = calibrate_depth(self, check_vectors(vectors), self.k, self.seed, limit, log)
-        self.params = replace(self.params, nprobe=result["nprobe"])
         self._describe()
         return result
 
@@ -253,9 +258,14 @@ class FaissIndex(MemoryIndex):
         return scores.to(queries.device), ids.to(queries.device)
 
     def refresh(self, vectors: torch.Tensor) -> None:
-        """Empty the index and re-add: IVF kinds keep their trained coarse quantizer and codebooks."""
+        """Empty the index and re-add: IVF kinds keep their trained coarse quantizer and codebooks, and go back
+        to the depth of their params (a depth calibrated for the old values is not one for the new)."""
         x = check_vectors(vectors).cpu()
         self.index.reset()
+        if self.kind in IVF_KINDS:
+            self._set("nprobe", self.params.nprobe)
+        if self._k_factor is not None and not self.on_gpu:
+            self._set("k_factor", self._k_factor)
         if self.kind in IVF_KINDS and self.params.lays_out_lists:
             self._fill(*list_layout(self.faiss.extract_index_ivf(self.index), x))
         else:

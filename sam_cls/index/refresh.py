@@ -184,9 +184,11 @@ class IndexRefresher:
             self.index.refresh(snapshot)
         self._lay_out(self.index.take_layout())  # snapshot is a view of the memory: it moves too
         self._steps_since = 0
+        # Recall at the built depth, before any calibration: it decides the next retrain, and a resumed run
+        # (whose index starts at that depth) must decide it alike.
+        recall = self._recall(self.index, snapshot)
         if calibrate:
             self.index.calibrate(snapshot, self.log)
-        recall = self._recall(self.index, snapshot)
         job = {"snapshot": snapshot, "reason": reason, "before": before, "retrained": retrained, "step": step}
         return self._install(job, recall, time.perf_counter() - start, background=False)
 
