@@ -235,9 +235,12 @@ def train_point(work: Path, copies: int, seconds: float, quick: bool) -> dict:
             "steps": trainer.step, "epochs": result["epochs"], "seconds": round(total, 1)}
 
 
-def run_point(args, kind: str, dataset: str, copies: int) -> dict:
-    """A point's JSON from --work, else measured now in a process of its own."""
+def run_point(args, kind: str, dataset: str, copies: int) -> dict | None:
+    """A point's JSON from --work, else measured now in a process of its own (None with --cached-only)."""
     path = args.work / f"point-{kind}-{dataset}-c{copies}.json"
+    if not path.exists() and args.cached_only:
+        print(f"--- {kind} {dataset} x{copies}: not measured in {args.work}, left out", flush=True)
+        return None
     if not path.exists():
         cmd = [sys.executable, __file__, "--work", str(args.work), "--point", f"{kind}:{dataset}:{copies}",
                "--train-seconds", str(args.train_seconds)] + (["--quick"] if args.quick else [])
@@ -280,6 +283,8 @@ def main() -> None:
     parser.add_argument("--copies", type=lambda s: [int(c) for c in s.split(",")], help="these C only (part a)")
     parser.add_argument("--train-seconds", type=float, default=None)
     parser.add_argument("--out", default="results/large_memory.json")
+    parser.add_argument("--cached-only", action="store_true", help="assemble the points --work holds; measure "
+                        "none (a point at 1e7 cells takes over an hour)")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # kind:dataset:copies, run by the parent
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -298,11 +303,13 @@ def main() -> None:
     fixed = [] if args.only == "trained" else [
         run_point(args, "fixed", d, c) for d in datasets for c in (QUICK["copies"] if args.quick else COPIES[d])
         if not args.copies or c in args.copies]
+    fixed = [row for row in fixed if row is not None]
     for row in fixed:  # each N's synthetic depth check, once a size
         if "synthetic" not in row:
             row["synthetic"] = run_point(args, "synthetic", "cells", row["n_cells"])
     trained = [] if args.only == "fixed" else [
         run_point(args, "trained", "mnist", c) for c in (QUICK["train_copies"] if args.quick else TRAIN_COPIES)]
+    trained = [row for row in trained if row is not None]
     print(f"{'data':>9} {'cells':>9} {'exact %':>8} {'index %':>8} {'recall':>7} {'build s':>8} {'q/s':>8} "
           f"{'B/cell':>7} {'peak MB':>8} {'step ms':>8}")
     for r in fixed:
