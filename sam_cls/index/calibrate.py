@@ -3,9 +3,9 @@
 A depth rule written from one memory fails another: 1/64 of the lists read 0.99 of the exact top-256 on
 deformed-MNIST embeddings and 0.90 on CIFAR-10's at 5e5 cells, and ivfpq's PQ ranking on clustered synthetic
 cells stops short of 0.95 however many lists it scans (results/large_memory.json). So a new index measures
-itself: a sample of its own cells are the queries (on CIFAR-10's 5e5 cells their recall was within 0.002 of the
-test images' at every depth from 32 lists on), the exact top-k over all cells the truth, and the search deepens
-until it reads RECALL_TARGET of it.
+itself: a sample of its own cells are the queries (the depth chosen read about what it read on the sample on
+the test images too: results/large_memory.json, `calibration` beside `recall_at_k`), the exact top-k over all
+cells the truth, and the search deepens until it reads RECALL_TARGET of it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from .torch_exact import exact_search
 
 # The target sits above the 0.95 the defaults are held to: the sample's estimate is noisy by about 0.005.
 RECALL_TARGET = 0.96
-# Sample queries: the exact search over all N cells is most of the cost (about a minute at 1e7 cells on
-# 2 CPU cores, against a quarter of an hour for the build).
+# Sample queries: the exact search over all N cells is most of the cost, small beside the build at every N
+# measured (results/large_memory.json: calibrate_s against build_s).
 SAMPLE_QUERIES = 512
 # Doubling nprobe that gains less than this means the lists are not what limits recall: ivfpq's PQ ranking
 # is, and a deeper re-rank (k_factor) is the knob that helps; ivf's 8-bit codes have no such knob, so it stops.
