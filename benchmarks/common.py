@@ -199,12 +199,17 @@ def training_refresher(bank: MemoryBank, params: IndexParams, seed: int, layout:
 
 
 def sparse_step(bank: MemoryBank, refresher: IndexRefresher, idx: torch.Tensor, queries: torch.Tensor,
-                step: int) -> Laps:
+                step: int, nprobe: int | None = None) -> Laps:
     """A training step less its encoder, on B examples `idx` and their queries, timed in its three parts:
-    search, sparse read forward and backward (the query's own cell masked), memory write."""
+    search, sparse read forward and backward (the query's own cell masked), memory write. nprobe: an IVF
+    training read at that depth instead of the index's training default."""
     u = queries.clone().requires_grad_()
     laps = Laps()
-    _, ids = refresher.search(u.detach(), K + 1)  # K + 1 so that masking the query's own cell leaves K
+    # K + 1 so that masking the query's own cell leaves K
+    if nprobe is None:
+        _, ids = refresher.search(u.detach(), K + 1)
+    else:
+        _, ids = refresher.index.search(u.detach(), K + 1, training=True, nprobe=nprobe)
     laps.lap("search")
     own = bank.rows[idx]  # idx names examples; the index's ids are the memory's rows
     log_probs = sparse_read(u, ids, bank.embeddings, bank.labels, NUM_CLASSES, TEMPERATURE,

@@ -65,6 +65,7 @@ TRAIN_COPIES = (1, 10)  # (b): 6e4 and 6e5 MNIST cells
 TRAIN_SECONDS = 240.0  # (b): each run's budget of training steps
 K, TEMPERATURE = 256, 0.05  # the config defaults
 SWEEP_NPROBE = (4, 8, 16, 32, 64, 128, 256, 512)
+STEP_NPROBE = (8, 16, 32)  # training depths whose steps are timed side by side with the default's
 QUERY_BATCH = 1024  # test queries per search call, as `sam-cls evaluate` reads them
 STEP_REPEATS = 15
 QUICK = {"copies": (1, 4), "train_copies": (1, 3), "train_seconds": 8.0, "synthetic_train": 1500}
@@ -127,6 +128,19 @@ def phase(name: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {name}", flush=True)
 
 
+def exact_top_k(cache: Path, memory: torch.Tensor, u: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """The test queries' exact top-k ids and the seconds their search took, measured once per memory and cached:
+    at 1e7 cells it is a third of an hour."""
+    if cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        return saved["ids"], float(saved["seconds"])
+    start = time.perf_counter()
+    _, ids = exact_search(memory, u, k)
+    seconds = time.perf_counter() - start
+    torch.save({"ids": ids, "seconds": torch.tensor(seconds)}, cache)
+    return ids, seconds
+
+
 def measure_point(work: Path, dataset: str, copies: int, quick: bool) -> dict:
     """One memory of C copies: part (a)'s row, its depth sweeps and its training step."""
     run = fixed_encoder(work, dataset, quick)
@@ -148,9 +162,7 @@ def measure_point(work: Path, dataset: str, copies: int, quick: bool) -> dict:
     truth, classes = data.test_y, data.num_classes
 
     phase("exact search")
-    start = time.perf_counter()
-    _, exact_ids = exact_search(memory, u, k)
-    exact_s = time.perf_counter() - start
+    exact_ids, exact_s = exact_top_k(work / f"{dataset}-c{copies}-exact.pt", memory, u, k)
     exact_acc = accuracy(u, exact_ids, memory, labels, truth, classes)
 
     phase("index build")
@@ -191,9 +203,14 @@ def measure_point(work: Path, dataset: str, copies: int, quick: bool) -> dict:
     refresher = IndexRefresher(bank.embeddings, IndexParams(), k=k + 1, rebuild_every=None, seed=0, recall_sample=0,
                                centroids=learned, reorder=bank.reorder)
     idx, batch = make_batches(bank, 8, seed=0)
-    laps = median_ms(lambda i: sparse_step(bank, refresher, idx[i % 8], batch[i % 8], i), repeats=STEP_REPEATS)
-    row["step_ms"] = round(laps["total"], 2)
-    row["step_parts_ms"] = {part: round(ms, 2) for part, ms in laps.items() if part != "total"}
+    default = refresher.index.train_nprobe  # None for exact kinds: the default step only
+    depths = sorted({default, *(p for p in STEP_NPROBE if default and p <= refresher.index.nlist)} - {None})
+    laps = median_ms({p: lambda i, p=p: sparse_step(bank, refresher, idx[i % 8], batch[i % 8], i, nprobe=p)
+                      for p in depths or [None]}, repeats=STEP_REPEATS)  # side by side: the same load on each
+    row["step_ms"] = round(laps[default]["total"], 2)
+    row["step_parts_ms"] = {part: round(ms, 2) for part, ms in laps[default].items() if part != "total"}
+    row["step_by_train_nprobe"] = [{"train_nprobe": p, "step_ms": round(laps[p]["total"], 2),
+                                    "search_ms": round(laps[p]["search"], 2)} for p in depths]
     row["peak_rss_train_mb"] = peak_rss_mb()
     return row
 

@@ -14,7 +14,7 @@ from .base import MemoryIndex, check_vectors
 from .calibrate import calibrate_depth
 from .factory import factory_string
 from .gpu import hnsw_quantizer, to_gpu, why_not_on_gpu
-from .layout import add_in_lists, list_layout
+from .layout import add_in_lists, assignment_beam, list_layout
 from .params import (
     HNSW_EF_CONSTRUCTION,
     HNSW_M,
@@ -115,8 +115,8 @@ class FaissIndex(MemoryIndex):
             if kind == "ivfpq":
                 ivf.pq.cp.seed = seed
                 index.k_factor = REFINE_K_FACTOR
-            # Search knobs first: an HNSW quantizer's beam also decides the lists the layout assigns below,
-            # and it must be the beam faiss's own add would use.
+            # Search knobs now, before the template below is serialised with them. (The lists the layout and
+            # the add assign take the narrower assignment beam, layout.assignment_beam, in both.)
             _set_nprobe(ivf, params.nprobe or default_nprobe(n, ivf.nlist, k))
             # Trained in the layout it is filled in: a rebuild from the memory laid out this way (a resumed
             # run's) then draws the same training sample and repeats this index exactly.
@@ -168,7 +168,12 @@ class FaissIndex(MemoryIndex):
         """Append cells; a GPU index takes CPU or same-device tensors directly."""
         self._place()
         x = check_vectors(x)
-        self.index.add(x if self.on_gpu else x.cpu())
+        if self.on_gpu:
+            self.index.add(x)
+        else:
+            ivf = self.faiss.extract_index_ivf(self.index) if self.kind in IVF_KINDS else None
+            with assignment_beam(ivf) if ivf is not None else nullcontext():
+                self.index.add(x.cpu())
         self._describe()
 
     def _place(self) -> None:

@@ -30,11 +30,14 @@ PROBE_LIST_SHARE = 1 / 64
 # CIFAR-10/conv1's trained memory a quarter of the evaluation depth kept the read's loss and accuracy and
 # halved the search (results/train_depth.json). Evaluation keeps the deeper default.
 TRAIN_PROBE_CANDIDATES_PER_K = 4
-MIN_TRAIN_NPROBE = 8
-# As PROBE_LIST_SHARE, for the training read: the shallowest depth whose test accuracy stayed within 0.1 point
-# of the exact read's grew with N on deformed-MNIST memories, from 6e4 to 3e6 cells a share of 0.4% to 0.23%
-# of the lists (results/large_memory.json, the depth sweeps).
-TRAIN_PROBE_LIST_SHARE = 1 / 400
+# ...and at least 16 lists. On deformed-MNIST memories of 6e4 to 1e7 cells the shallowest training depth whose
+# test accuracy stayed within 0.1 point of the exact read's was 4, 8, 16 and 8 lists: it did not grow with N as
+# a share of the lists would (results/large_memory.json, the depth sweeps).
+MIN_TRAIN_NPROBE = 16
+# ...and, beyond the memories measured, 1/800 of the lists: 16 of the 12,662 at 1e7 cells, kept as a share for
+# larger memories (nothing was measured there: this errs deep). 1/400 scanned 32 lists at 1e7, where 16 read
+# as well and cost less of the step (results/large_memory.json, step_by_train_nprobe).
+TRAIN_PROBE_LIST_SHARE = 1 / 800
 # ...and a lighter ivfpq re-rank: it reads k_factor * k scattered SQ8 codes a query, which at large N is most
 # of the search; at 1e6 synthetic cells k_factor 2 cut the training search by more than half for a few
 # points of recall (docs/INDEX.md).
@@ -48,6 +51,11 @@ HNSW_EF_CONSTRUCTION = 64
 # instead of a scan of all of them: faster at both depths at 1e6 and 1e7 cells, for a small loss of recall
 # (results/coarse_quantizer.json).
 HNSW_QUANTIZER_MIN_NLIST = 4000
+# Assigning a cell to its list is a search for its one nearest centroid, which a narrower HNSW beam finds
+# than a search for nprobe lists wants (2 nprobe: ~400 at 1e7 cells), the beam that made assignment most of an
+# index build. 128 gave (nearly) every cell an exact scan's list on real and synthetic cells at 3e6, in 0.6x
+# the time of the beam it replaces there; 64 missed about 1% of the synthetic ones (results/assign_beam.json).
+ASSIGN_EF_SEARCH = 128
 
 
 @dataclass
@@ -96,7 +104,7 @@ def default_nprobe(n: int, nlist: int, k: int) -> int:
 
 
 def default_train_nprobe(n: int, nlist: int, k: int) -> int:
-    """The training read's probe depth: ~4k candidates and 1/400 of the lists, at least 8 lists, never deeper
+    """The training read's probe depth: ~4k candidates and 1/800 of the lists, at least 16 lists, never deeper
     than default_nprobe."""
     floor = max(MIN_TRAIN_NPROBE, math.ceil(nlist * TRAIN_PROBE_LIST_SHARE))
     return min(default_nprobe(n, nlist, k), _lists_for(TRAIN_PROBE_CANDIDATES_PER_K * k, n, nlist, floor))
