@@ -143,8 +143,8 @@ def median_ms(fn: Callable[[int], object] | dict[str, Callable[[int], object]], 
     """Median milliseconds of fn(i), i = 0, 1, ..., over `repeats` calls after `warmup` uncounted ones.
 
     A slow fn gets fewer repeats (never under 3), so a measurement stays near budget_s. fn may be a dict of
-    variants: each round calls every one with the same i, taking turns to go first so that drifting machine
-    load hits them alike, and a dict of medians comes back. A call that returns its Laps gives the median of
+    variants: each round calls every one with the same i, in an order rotated each round so that each goes
+    first, and follows each other, as often: drifting machine load and warm caches favour none, and a dict of medians comes back. A call that returns its Laps gives the median of
     each of its parts and of their sum ("total") instead of a float.
     """
     variants = fn if isinstance(fn, dict) else {"": fn}
@@ -152,7 +152,8 @@ def median_ms(fn: Callable[[int], object] | dict[str, Callable[[int], object]], 
     i = 0
     while i < warmup + repeats:
         start = now()
-        for name in list(variants)[:: 1 if i % 2 == 0 else -1]:
+        names = list(variants)
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # each variant leads in turn
             t0 = now()
             out = variants[name](i)
             ms = (now() - t0) * 1e3

@@ -67,10 +67,11 @@ def measure(name: str, cells: torch.Tensor, sample: int, seed: int) -> list[dict
         rows.append({"cells": name, "n_cells": n, "nlist": ivf.nlist, "ef_search": beam, "sample": sample,
                      "seconds": round(seconds, 2), "seconds_per_1e7": round(seconds * 1e7 / sample, 1),
                      "agreement": round(float((lists == exact).mean()), 5),
-                     "role": "search beam (old)" if beam == search_beam else
-                     "ASSIGN_EF_SEARCH" if beam == ASSIGN_EF_SEARCH else ""})
+                     "role": " and ".join(role for role, at in (("search beam (old)", search_beam),
+                                                                 ("ASSIGN_EF_SEARCH", ASSIGN_EF_SEARCH)) if beam == at)})
+    searching = next(row["seconds"] for row in rows if row["ef_search"] == search_beam)
     for row in rows:
-        row["time_vs_search_beam"] = round(row["seconds"] / rows[-1]["seconds"], 3)
+        row["time_vs_search_beam"] = round(row["seconds"] / searching, 3)
     return rows
 
 

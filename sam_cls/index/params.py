@@ -30,14 +30,16 @@ PROBE_LIST_SHARE = 1 / 64
 # CIFAR-10/conv1's trained memory a quarter of the evaluation depth kept the read's loss and accuracy and
 # halved the search (results/train_depth.json). Evaluation keeps the deeper default.
 TRAIN_PROBE_CANDIDATES_PER_K = 4
-# ...and at least 16 lists. On deformed-MNIST memories of 6e4 to 1e7 cells the shallowest training depth whose
-# test accuracy stayed within 0.1 point of the exact read's was 4, 8, 16 and 8 lists: it did not grow with N as
-# a share of the lists would (results/large_memory.json, the depth sweeps).
-MIN_TRAIN_NPROBE = 16
-# ...and, beyond the memories measured, 1/800 of the lists: 16 of the 12,662 at 1e7 cells, kept as a share for
-# larger memories (nothing was measured there: this errs deep). 1/400 scanned 32 lists at 1e7, where 16 read
-# as well and cost less of the step (results/large_memory.json, step_by_train_nprobe).
-TRAIN_PROBE_LIST_SHARE = 1 / 800
+MIN_TRAIN_NPROBE = 8
+# ...and 1/400 of the lists, but no more than 16 of them: on deformed-MNIST memories of 6e4 to 1e7 cells the
+# shallowest training depth whose test accuracy stayed within 0.1 point of the exact read's was 4, 8, 16 and
+# 8 lists; 1/400 reaches 16 near 3e6 and would have scanned 32 at 1e7, where 16 read as well and the deeper
+# scan only cost step time (results/large_memory.json: the depth sweeps, step_by_train_nprobe).
+TRAIN_PROBE_LIST_SHARE = 1 / 400
+TRAIN_PROBE_LIST_CAP = 16
+# ...and beyond the memories measured (above ~12,800 lists, 1e7 cells), 1/800 of the lists: 16 at 1e7, kept as
+# a share. Nothing was measured there, so this errs deep.
+TRAIN_PROBE_LIST_SHARE_BEYOND = 1 / 800
 # ...and a lighter ivfpq re-rank: it reads k_factor * k scattered SQ8 codes a query, which at large N is most
 # of the search; at 1e6 synthetic cells k_factor 2 cut the training search by more than half for a few
 # points of recall (docs/INDEX.md).
@@ -104,9 +106,10 @@ def default_nprobe(n: int, nlist: int, k: int) -> int:
 
 
 def default_train_nprobe(n: int, nlist: int, k: int) -> int:
-    """The training read's probe depth: ~4k candidates and 1/800 of the lists, at least 16 lists, never deeper
-    than default_nprobe."""
-    floor = max(MIN_TRAIN_NPROBE, math.ceil(nlist * TRAIN_PROBE_LIST_SHARE))
+    """The training read's probe depth: ~4k candidates, at least 8 lists and 1/400 of them up to 16 lists (1/800
+    of them beyond), never deeper than default_nprobe."""
+    share = min(math.ceil(nlist * TRAIN_PROBE_LIST_SHARE), TRAIN_PROBE_LIST_CAP)
+    floor = max(MIN_TRAIN_NPROBE, share, math.ceil(nlist * TRAIN_PROBE_LIST_SHARE_BEYOND))
     return min(default_nprobe(n, nlist, k), _lists_for(TRAIN_PROBE_CANDIDATES_PER_K * k, n, nlist, floor))
 
 
