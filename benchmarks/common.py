@@ -144,15 +144,15 @@ def median_ms(fn: Callable[[int], object] | dict[str, Callable[[int], object]], 
 
     A slow fn gets fewer repeats (never under 3), so a measurement stays near budget_s. fn may be a dict of
     variants: each round calls every one with the same i, in an order rotated each round so that each goes
-    first, and follows each other, as often: drifting machine load and warm caches favour none, and a dict of medians comes back. A call that returns its Laps gives the median of
-    each of its parts and of their sum ("total") instead of a float.
+    first, and follows each other, as often (drifting machine load and warm caches favour none), and a dict of
+    medians comes back. A call that returns its Laps gives the median of each of its parts and of their sum
+    ("total") instead of a float.
     """
     variants = fn if isinstance(fn, dict) else {"": fn}
     times: dict[str, list] = {name: [] for name in variants}
-    i = 0
+    names, i = list(variants), 0
     while i < warmup + repeats:
         start = now()
-        names = list(variants)
         for name in names[i % len(names) :] + names[: i % len(names)]:  # each variant leads in turn
             t0 = now()
             out = variants[name](i)

@@ -171,8 +171,7 @@ class FaissIndex(MemoryIndex):
         if self.on_gpu:
             self.index.add(x)
         else:
-            ivf = self.faiss.extract_index_ivf(self.index) if self.kind in IVF_KINDS else None
-            with assignment_beam(ivf) if ivf is not None else nullcontext():
+            with assignment_beam(self.index):
                 self.index.add(x.cpu())
         self._describe()
 

@@ -13,10 +13,12 @@ from .params import ASSIGN_EF_SEARCH
 
 
 @contextmanager
-def assignment_beam(ivf) -> Iterator[None]:
+def assignment_beam(index) -> Iterator[None]:
     """An HNSW coarse quantizer's narrow assignment beam while cells are added to lists (see ASSIGN_EF_SEARCH);
-    its search beam is back after. Every add and layout goes through here, so both assign a cell alike."""
-    quantizer = hnsw_quantizer(ivf)
+    its search beam is back after. Every add and layout goes through here, so both assign a cell alike. Any
+    other CPU index (no IVF, or a flat quantizer) adds as it is."""
+    ivf = require_faiss().try_extract_index_ivf(index)
+    quantizer = hnsw_quantizer(ivf) if ivf is not None else None
     if quantizer is None:
         yield
         return
@@ -47,5 +49,5 @@ def add_in_lists(index, kind: str, x: torch.Tensor, lists: torch.Tensor) -> None
 
         add_preassigned(require_faiss().extract_index_ivf(index), x.numpy(), lists.numpy())
     else:  # ivfpq: faiss's fast-scan lists pack their codes only through the ordinary add
-        with assignment_beam(require_faiss().extract_index_ivf(index)):
+        with assignment_beam(index):
             index.add(x)
