@@ -35,6 +35,7 @@ from sam_cls.checkpoint import RunDir
 from sam_cls.config import make_config
 from sam_cls.data import load_dataset
 from sam_cls.evaluate import encode_all
+from sam_cls.read import ReadRule
 from sam_cls.train import train
 
 # ----------------------------------------------------------------------------- hyper-parameters, all here
@@ -81,24 +82,26 @@ def memory_rows(name: str, run: Path, data, old: list[int], new: list[int]) -> t
     rows = []
     for n in N_PER_CLASS:
         clf = sam_cls.load(run, device="cpu")
+        # The read training made (a run also stores a tuned read: benchmarks/memory_value.py compares the rules).
+        as_trained = ReadRule(clf.cfg.topk, clf.cfg.temperature).as_dict()
         picks = examples(data, new, n, SEED)
         start = time.perf_counter()
         clf.add(data.train_x[picks], [data.classes[int(c)] for c in data.train_y[picks]])
         seconds = time.perf_counter() - start
         u = clf.encode(data.test_x)
         for read, balanced in (("as trained", False), ("class-balanced", True)):
-            predicted = [clf.classes[int(i)] for i in clf.read(u, balanced=balanced).argmax(1)]
+            predicted = [clf.classes[int(i)] for i in clf.read(u, balanced=balanced, **as_trained).argmax(1)]
             rows.append({"dataset": name, "method": "memory-add", "read": read, "n_per_class": n or "all",
                          "added": len(picks), **accuracies(predicted, data, old), "seconds": round(seconds, 3)})
             print(rows[-1])
     # Forget one old class from the memory that holds every example (the read as trained: all classes are
     # about equally large there).
     forgotten, truth = data.classes[old[0]], [data.classes[int(c)] for c in data.test_y]
-    before = [clf.classes[int(i)] for i in clf.read(u).argmax(1)]
+    before = [clf.classes[int(i)] for i in clf.read(u, **as_trained).argmax(1)]
     start = time.perf_counter()
     cells = clf.forget(class_name=forgotten)
     seconds = time.perf_counter() - start
-    after = [clf.classes[int(i)] for i in clf.read(u).argmax(1)]
+    after = [clf.classes[int(i)] for i in clf.read(u, **as_trained).argmax(1)]
     others = [i for i, t in enumerate(truth) if t != forgotten]
     # Images the forgotten class had not claimed: only their neighbours' weights can move them.
     unclaimed = [i for i in others if before[i] != forgotten]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,13 +24,15 @@ import torch
 from sam_cls.checkpoint import CheckpointError, RunDir
 from sam_cls.config import Config, ConfigError, make_config
 from sam_cls.copies import cell_images
-from sam_cls.evaluate import classify, encode_all
+from sam_cls.evaluate import CellFacts, classify, encode_all
 from sam_cls.images import ImageLike, image_files, to_batch
 from sam_cls.index import MemoryIndex, build_index, load_index
 from sam_cls.memory import MemoryBank
 from sam_cls.model import build_encoder
+from sam_cls.read import ReadRule
 from sam_cls.setup import index_params, resolve_device
 from sam_cls.shard_files import gather_shards, is_sharded
+from sam_cls.tune import tune_memory
 
 
 class MemoryClassifier:
@@ -37,6 +40,7 @@ class MemoryClassifier:
 
     def __init__(self, run: RunDir, cfg: Config, state: dict, device: torch.device, index: MemoryIndex | None):
         self.run, self.cfg, self.state, self.device, self.index = run, cfg, state, device, index
+        self._facts: CellFacts | None = None  # cached by cell_facts(); add and forget clear it
         data = state["data"]
         self.classes: list[str] = list(data["classes"])
         self.image_shape: tuple[int, int, int] = tuple(data["image_shape"])
@@ -68,37 +72,71 @@ class MemoryClassifier:
     @property
     def topk(self) -> int:
         """Cells a prediction reads: the run's K (at most the memory), or all of them for a dense run."""
-        return min(self.cfg.topk, self.memory.size)
+        return min(self.rule.topk, self.memory.size)
+
+    @property
+    def rule(self) -> ReadRule:
+        """The read predictions use: the one tuned and stored in the run, else the read as trained."""
+        stored = self.state.get("read")
+        return ReadRule.from_dict(stored["rule"]) if stored else ReadRule(self.cfg.topk, self.cfg.temperature)
+
+    def cell_facts(self) -> CellFacts:
+        """Class sizes and each cell's source image (copy c of image e has source e), for the read rules."""
+        if self._facts is None:
+            images = self.state["data"].get("train_images")
+            item = self.cell_item.long()
+            for s, source in enumerate(self.sources):  # the copies of one image share its source
+                if source["kind"] == "dataset" and source.get("copies", 1) > 1 and images:
+                    rows = self.cell_source == s
+                    item = torch.where(rows, item % images, item)
+            self._facts = CellFacts.of(self.memory.labels, len(self.classes), (self.cell_source.long() << 40) | item)
+        return self._facts
 
     def encode(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """Embeddings of images in any accepted form, converted to the run's input shape first."""
         return encode_all(self.encoder, to_batch(images, self.image_shape), self.cfg.eval_batch_size)
 
-    @torch.no_grad()
-    def read(self, u: torch.Tensor, topk: int | None = None, balanced: bool = False) -> torch.Tensor:
-        """(B, C) class log-probabilities of embeddings u: the softmax over the K nearest cells, summed per class.
-
-        The read's prior is each class's share of the memory. balanced=True weighs every class as if it held as
-        many cells as the others (each class's mass divided by its cell count), which a class added from a few
-        examples needs to be predicted at all: results/new_classes.json measures both.
-        """
-        log_probs, _ = classify(u, self.memory, self.index, self.topk if topk is None else topk, len(self.classes),
-                                self.cfg.temperature)
+    def read_rule(self, topk: int | None = None, balanced: bool = False, **changes) -> ReadRule:
+        """The run's rule with these changes: topk, balanced (alpha 1), or any ReadRule field by name."""
+        rule = self.rule
+        unknown = set(changes) - set(rule.as_dict())
+        if unknown:
+            raise ValueError(f"unknown read option(s) {sorted(unknown)}; known: {sorted(rule.as_dict())}")
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if topk is not None:
+            changes["topk"] = topk
         if balanced:
-            counts = torch.bincount(self.memory.labels, minlength=len(self.classes)).clamp_min(1)
-            log_probs = torch.log_softmax(log_probs - counts.log().to(log_probs), dim=1)
+            changes["alpha"] = 1.0
+        rule = replace(rule, **changes)
+        if not 0 <= rule.topk <= self.memory.size:
+            raise ValueError(f"topk {rule.topk} must be between 0 and the memory's {self.memory.size} cells")
+        return replace(rule, topk=min(rule.topk, self.memory.size))
+
+    @torch.no_grad()
+    def read(self, u: torch.Tensor, topk: int | None = None, balanced: bool = False, **changes) -> torch.Tensor:
+        """(B, C) class log-probabilities of embeddings u under the run's read rule (ReadRule), as changed here.
+
+        By default, the rule stored in the run (`sam-cls evaluate --tune`, or at the end of training), else the
+        read as trained: the softmax over the K nearest cells, each class's share of the memory as its prior.
+        balanced=True divides each class's mass by its cell count (alpha 1), which a class added from a few
+        examples needs to be predicted at all: results/memory_value.json measures every rule.
+        """
+        rule = self.read_rule(topk, balanced, **changes)
+        log_probs = torch.cat([classify(u[i : i + 1024], self.memory, self.index, rule, len(self.classes),
+                                        self.cell_facts())[0] for i in range(0, len(u), 1024)]) if len(u) else \
+            torch.zeros(0, len(self.classes))
         return log_probs.cpu()
 
-    def predict_log_proba(self, images, topk: int | None = None, balanced: bool = False) -> torch.Tensor:
-        return self.read(self.encode(images), topk, balanced)
+    def predict_log_proba(self, images, topk: int | None = None, balanced: bool = False, **changes) -> torch.Tensor:
+        return self.read(self.encode(images), topk, balanced, **changes)
 
-    def predict_proba(self, images, topk: int | None = None, balanced: bool = False) -> torch.Tensor:
+    def predict_proba(self, images, topk: int | None = None, balanced: bool = False, **changes) -> torch.Tensor:
         """(B, C) class probabilities (see read())."""
-        return self.predict_log_proba(images, topk, balanced).exp()
+        return self.predict_log_proba(images, topk, balanced, **changes).exp()
 
-    def predict(self, images, topk: int | None = None, balanced: bool = False) -> torch.Tensor:
+    def predict(self, images, topk: int | None = None, balanced: bool = False, **changes) -> torch.Tensor:
         """(B,) most probable class of each image, as an index into `classes`."""
-        return self.predict_log_proba(images, topk, balanced).argmax(1)
+        return self.predict_log_proba(images, topk, balanced, **changes).argmax(1)
 
     @torch.no_grad()
     def kneighbors(self, images, n_neighbors: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +152,7 @@ class MemoryClassifier:
         k = max(self.topk, min(neighbours, self.memory.size))
         scores, cells = self.index.search(u, k)
         # The weights of the read the prediction made: a softmax over its K cells at the run's temperature.
-        weights = torch.softmax(scores[0, : self.topk] / self.cfg.temperature, 0).tolist() + [0.0] * (k - self.topk)
+        weights = torch.softmax(scores[0, : self.topk] / self.rule.temperature, 0).tolist() + [0.0] * (k - self.topk)
         cells, scores = cells[0].cpu().tolist(), scores[0].cpu().tolist()
         labels = self.memory.labels.cpu()
         return [{"cell": c, "label": self.classes[int(labels[c])], "similarity": round(s, 4),
@@ -162,6 +200,7 @@ class MemoryClassifier:
         x = to_batch(images, self.image_shape)
         if len(labels) != len(x):
             raise ValueError(f"{len(x)} images but {len(labels)} labels")
+        before = self.cell_facts().class_cells
         ids = [self._class_id(label) for label in labels]
         u = encode_all(self.encoder, x, self.cfg.eval_batch_size)
         source = source or {"kind": "python", "name": "python"}
@@ -173,7 +212,7 @@ class MemoryClassifier:
                                                                   dtype=torch.int32)])
         self.cell_item = torch.cat([self.cell_item, torch.arange(len(x))])
         self.index.add(self.memory.embeddings[start:])  # ids continue from the old size: the new rows
-        self.state["edited"] = True  # training's resume needs the memory it trained: this one cannot continue
+        self._memory_changed(before)
         return len(x)
 
     def add_folder(self, folder: str | Path) -> int:
@@ -205,6 +244,7 @@ class MemoryClassifier:
                 raise ValueError(f"cells {bad} are not in the memory (0 to {self.memory.size - 1})")
             drop[list(cells)] = True
         keep = (~drop).nonzero().squeeze(1)
+        before = self.cell_facts().class_cells
         if len(keep) < max(1, self.cfg.topk):
             raise ValueError(f"forgetting {int(drop.sum())} cells would leave {len(keep)}, fewer than the run "
                              f"reads (K={self.cfg.topk})")
@@ -213,8 +253,24 @@ class MemoryClassifier:
         self.cell_source, self.cell_item = self.cell_source[keep], self.cell_item[keep]
         # Rows after a removed one move up; the index re-adds the rest (keeping what it trained).
         self.index.refresh(self.memory.embeddings)
-        self.state["edited"] = True
+        self._memory_changed(before)
         return int(drop.sum())
+
+    def _memory_changed(self, before: torch.Tensor) -> None:
+        """After add or forget (cells of each class before it): the facts the rules read are stale, and a tuned
+        read is chosen again where the classes' shares of the memory moved."""
+        self._facts = None
+        self.state["edited"] = True  # training's resume needs the memory it trained: this one cannot continue
+        after = self.cell_facts().class_cells.float()
+        before = torch.cat([before.float(), torch.zeros(len(after) - len(before))])
+        moved = (after / after.sum()).clamp_min(1e-9) / (before / before.sum()).clamp_min(1e-9)
+        if "read" in self.state and not ((moved > 0.5) & (moved < 2)).all():
+            # A class came or went, or changed its share twofold: the class prior and the per-class read are
+            # chosen anew, on the memory's own cells left one out (a class added from a few examples is read
+            # as its test images will be).
+            as_trained = ReadRule(min(self.cfg.topk, self.memory.size), self.cfg.temperature)
+            self.state["read"] = tune_memory(self.memory, self.index, as_trained, len(self.classes),
+                                             self.cell_facts(), None, self.cfg.seed)
 
     def save(self) -> None:
         """Commit memory, classes, sources and index into the run directory together (atomic)."""

@@ -161,8 +161,19 @@ def train(config_file, resume, as_json, **options) -> None:
         report(result, as_json)
 
 
-BALANCED_HELP = ("Weigh every class as if it held as many cells as the others: what a class added from a few "
-                 "examples needs.")
+BALANCED_HELP = ("Weigh every class as if it held as many cells as the others (--alpha 1): what a class added "
+                 "from a few examples needs.")
+
+
+def read_options(fn):
+    """The read rule's changes, which every command that classifies takes (default: the run's stored rule)."""
+    fn = click.option("--balanced", is_flag=True, help=BALANCED_HELP)(fn)
+    fn = click.option("--alpha", type=click.FloatRange(min=0), help="Class prior: each class's mass divided by its "
+                      "cell count to this power (0 = as trained, 1 = --balanced).")(fn)
+    fn = click.option("--class-k", type=click.IntRange(min=0), help="Read each class's own k best cells "
+                      "(0 = one top K shared by all classes).")(fn)
+    return click.option("--per-source/--no-per-source", default=None, help="Each source image votes once, with "
+                        "its best deformed copy.")(fn)
 
 
 def run_options(fn):
@@ -181,16 +192,16 @@ def load(run_dir: str, device: str, index: bool = True):
 @run_options
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--topk", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
-@click.option("--balanced", is_flag=True, help=BALANCED_HELP)
+@read_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 @friendly_errors
-def predict(run_dir, device, paths, topk, balanced, as_json) -> None:
+def predict(run_dir, device, paths, topk, balanced, alpha, class_k, per_source, as_json) -> None:
     """Classify image files (or every image in the folders given), any size or format."""
     from sam_cls.images import image_files
 
     clf = load(run_dir, device)
     files = image_files(paths)
-    proba = clf.predict_proba(files, balanced=balanced)
+    proba = clf.predict_proba(files, balanced=balanced, alpha=alpha, class_k=class_k, per_source=per_source)
     for path, p in zip(files, proba, strict=True):
         best = p.topk(min(topk, len(p)))
         top = [{"class": clf.classes[int(c)], "probability": round(float(v), 4)}
@@ -207,16 +218,17 @@ def predict(run_dir, device, paths, topk, balanced, as_json) -> None:
 @click.option("--neighbours", type=click.IntRange(min=1), default=16, show_default=True,
               help="Nearest cells to list.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write a PNG of the query beside its neighbours.")
-@click.option("--balanced", is_flag=True, help=BALANCED_HELP)
+@read_options
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def explain(run_dir, device, image, neighbours, out, balanced, as_json) -> None:
+def explain(run_dir, device, image, neighbours, out, balanced, alpha, class_k, per_source, as_json) -> None:
     """The stored examples a prediction rests on: label, similarity, softmax weight and source of each."""
     from sam_cls.run import explain_picture
 
     clf = load(run_dir, device)
     rows = clf.explain(image, neighbours)
-    predicted = clf.classes[int(clf.predict(image, balanced=balanced)[0])]
+    predicted = clf.classes[int(clf.predict(image, balanced=balanced, alpha=alpha, class_k=class_k,
+                                            per_source=per_source)[0])]
     if out:
         explain_picture(clf, image, rows, out, log)
     if as_json:
@@ -272,15 +284,28 @@ def forget(run_dir, device, class_name, source, cells, as_json) -> None:
 @click.option("--topk", type=click.IntRange(min=0), help="Cells read per test image (default: the run's K).")
 @click.option("--data-dir", help="Override the run's data folder.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the confusion matrix as a PNG.")
-@click.option("--balanced", is_flag=True, help=BALANCED_HELP)
+@read_options
+@click.option("--tune", is_flag=True, help="First choose the read (K, temperature, class prior, per-class and "
+              "per-source reads) on the run's validation share, or its cells left one out, and store it in the run.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def evaluate(run_dir, device, topk, data_dir, plot, balanced, as_json) -> None:
+def evaluate(run_dir, device, topk, data_dir, plot, balanced, alpha, class_k, per_source, tune, as_json) -> None:
     """Top-1 and top-5 test accuracy of a run's memory classifier, per class too."""
-    from sam_cls.run import evaluate_run, run_data
+    from sam_cls.run import evaluate_run, run_data, tune_run
 
-    clf = load(run_dir, device)
-    report(evaluate_run(clf, run_data(clf, data_dir, log), topk, plot, balanced), as_json)
+    if tune:
+        with RunDir(run_dir).lock():
+            clf = load(run_dir, device)
+            data = run_data(clf, data_dir, log)
+            tuned = tune_run(clf, data, log)
+            clf.save()
+        log(f"stored read: {tuned['tuned']['rule']} (validation accuracy {tuned['tuned']['accuracy']}, as trained "
+            f"{tuned['as_trained']['accuracy']})")
+    else:
+        clf = load(run_dir, device)
+        data = run_data(clf, data_dir, log)
+    report(evaluate_run(clf, data, topk, plot, balanced, alpha=alpha, class_k=class_k, per_source=per_source),
+           as_json)
 
 
 @main.command("rebuild-index")

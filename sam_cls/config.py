@@ -84,6 +84,12 @@ class Config:
     eta: float = option(0.5, "Memory write momentum: m <- normalise(eta m + (1 - eta) u).", ge=0, lt=1)
     head: str = option("memory", "memory: the kNN read over the memory; softmax: the same encoder with a linear "
                        "softmax head (the parametric baseline).", choices=HEADS)
+    deform_queries: float = option(0.0, "Share of training queries replaced by a fresh seeded elastic + affine "
+                                   "deformation of their image (the deformations --copies stores), so the encoder "
+                                   "learns the invariance a memory of copies needs.", ge=0, le=1)
+    tune_read: bool = option(True, "At the end of training, choose the read (K, temperature, class prior, per-class "
+                             "and per-source reads) on the validation share, or on the memory's own cells left one "
+                             "out, and store it in the run: predict, evaluate and the API use it.")
     support_sample: int = option(0, "The seed paper's method: M random support images re-encoded every batch, "
                                  "no index (0 = off, else at least 2).", ge=0)
     # optimisation

@@ -15,11 +15,11 @@ from torch.profiler import record_function
 
 from sam_cls.config import Config
 from sam_cls.data import Dataset
-from sam_cls.evaluate import accuracy, head_accuracy
+from sam_cls.evaluate import CellFacts, accuracy, head_accuracy
 from sam_cls.index import IndexRefresher
 from sam_cls.memory import MemoryBank
 from sam_cls.model import Encoder
-from sam_cls.read import class_log_probs, dense_read, exclusion_mask, sparse_read
+from sam_cls.read import ReadRule, class_log_probs, dense_read, exclusion_mask, sparse_read
 
 
 class MemoryRead:
@@ -29,6 +29,7 @@ class MemoryRead:
                  num_classes: int):
         self.cfg, self.encoder, self.memory, self.refresher = cfg, encoder, memory, refresher
         self.num_classes = num_classes
+        self.rule = ReadRule(cfg.topk, cfg.temperature)  # the read evaluation uses: as trained, until tuned
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -48,7 +49,13 @@ class MemoryRead:
     def accuracy(self, data: Dataset) -> float:
         cfg = self.cfg
         return accuracy(self.encoder, data.test_x, data.test_y, self.memory, self.refresher.index, cfg.topk,
-                        self.num_classes, cfg.temperature, cfg.eval_batch_size)
+                        self.num_classes, cfg.temperature, cfg.eval_batch_size, self.rule,
+                        self.facts() if self.rule.alpha or self.rule.class_k or self.rule.per_source else None)
+
+    def facts(self) -> CellFacts:
+        """Class sizes and each cell's source image (cell c * N + e is copy c of image e), for the read rules."""
+        n = self.memory.size // self.cfg.copies
+        return CellFacts.of(self.memory.labels, self.num_classes, self.memory.example_ids % n)
 
 
 class DenseMemory(MemoryRead):

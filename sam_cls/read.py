@@ -4,7 +4,9 @@
 over all N cells, streamed in chunks with a running max so it never holds a B x N matrix.
 """
 
+import dataclasses
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -182,3 +184,93 @@ def dense_read(
 ) -> torch.Tensor:
     """Exact class log-probabilities over every cell (the reference, and `--topk 0`)."""
     return DenseRead.apply(u, memory.detach(), labels, num_classes, temperature, exclude_ids, chunk)
+
+
+# ----------------------------------------------------------------------------- read rules (using a trained run)
+@dataclass(frozen=True)
+class ReadRule:
+    """How a prediction reads the memory. The defaults are the read training used (`as trained`)."""
+
+    topk: int = 256  # K: candidate cells read per query (0 = every cell, the dense read)
+    temperature: float = 0.05
+    # Class prior: a class's mass divided by its cell count ** alpha (0 = each class's share of the memory,
+    # as trained; 1 = every class weighed alike, which a class added from a few examples needs).
+    alpha: float = 0.0
+    per_source: bool = False  # each source image votes once, with its best copy: K distinct examples
+    # Each class's own k best cells (an image-to-class score, as NBNN): a class of 100 cells among 30,000 is
+    # never crowded out of a shared top K. 0 = the shared top K.
+    class_k: int = 0
+
+    def fetch(self, num_classes: int, copies: int = 1) -> int:
+        """Candidates one search should return for this rule (more for per-source and per-class reads)."""
+        need = self.topk * (copies if self.per_source else 1)
+        return max(need, self.class_k * num_classes if self.class_k else 0)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ReadRule":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - fields
+        if unknown:
+            raise ValueError(f"unknown read rule field(s) {sorted(unknown)}; known: {sorted(fields)}")
+        return cls(**values)
+
+
+def _rank_in_group(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each valid entry's rank among the valid entries of its row with the same key, in column order."""
+    # A stable sort by key keeps each group in column (score) order; an entry's rank is its place in the group.
+    sentinel = keys.max() + 1 if keys.numel() else 0
+    keys = torch.where(valid, keys, sentinel)  # invalid entries form a group of their own, never counted
+    sorted_keys, perm = keys.sort(dim=1, stable=True)
+    pos = torch.arange(keys.shape[1], device=keys.device).expand_as(keys)
+    starts = torch.ones_like(valid)
+    starts[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
+    group_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    rank = torch.empty_like(pos)
+    rank.scatter_(1, perm, pos - group_start)
+    return rank
+
+
+def rule_log_probs(scores: torch.Tensor, labels: torch.Tensor, rule: ReadRule, num_classes: int,
+                   origins: torch.Tensor | None = None, class_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C) class log-probabilities under `rule` from (B, F) candidate similarities (-inf: not a candidate).
+
+    labels and origins are the candidates' classes and source images, (B, F). class_counts (C,) are the cells
+    (or, per source, the source images) each class holds, for the class prior.
+    """
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    scores, labels = scores.gather(1, order), labels.gather(1, order)
+    origins = origins.gather(1, order) if origins is not None else None
+    keep = select_cells(scores, labels, rule, origins)
+    return weigh_cells(scores, labels, keep, rule, num_classes, class_counts)
+
+
+def select_cells(scores: torch.Tensor, labels: torch.Tensor, rule: ReadRule,
+                 origins: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, F) mask of the candidates a rule reads, from candidates sorted best first in each row."""
+    keep = torch.isfinite(scores)
+    if rule.per_source and origins is not None:  # the best copy of each source image stands for it
+        keep &= _rank_in_group(origins, keep) == 0
+    if rule.class_k:  # each class's own k best
+        keep &= _rank_in_group(labels, keep) < rule.class_k
+    elif rule.topk:  # one shared top K
+        keep &= keep.cumsum(dim=1) <= rule.topk
+    return keep
+
+
+def weigh_cells(scores: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, rule: ReadRule, num_classes: int,
+                class_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The temperature softmax over the cells kept, summed per class, under the rule's class prior."""
+    logits = (scores / rule.temperature).masked_fill(~keep, float("-inf"))
+    p = torch.softmax(logits, dim=1).nan_to_num(0.0)  # a row with no candidate at all: zero mass everywhere
+    per_class = torch.zeros(len(scores), num_classes, dtype=p.dtype, device=p.device)
+    per_class.scatter_add_(1, labels, p)
+    log_probs = per_class.clamp_min(TINY).log()
+    return class_prior(log_probs, rule.alpha, class_counts) if rule.alpha and class_counts is not None else log_probs
+
+
+def class_prior(log_probs: torch.Tensor, alpha: float, class_counts: torch.Tensor) -> torch.Tensor:
+    """Each class's mass divided by its count ** alpha, renormalised (post-hoc logit adjustment, Menon et al.)."""
+    return torch.log_softmax(log_probs - alpha * class_counts.clamp_min(1).to(log_probs).log(), dim=1)

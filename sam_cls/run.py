@@ -13,7 +13,9 @@ from sam_cls.data import Dataset
 from sam_cls.evaluate import encode_all
 from sam_cls.index import IndexParams, build_index, recall_at_k
 from sam_cls.memory import MemoryBank
+from sam_cls.read import ReadRule
 from sam_cls.setup import get_dataset
+from sam_cls.tune import tune_memory
 
 
 def run_data(clf: MemoryClassifier, data_dir: str | None = None, log=print) -> Dataset:
@@ -28,11 +30,13 @@ def run_data(clf: MemoryClassifier, data_dir: str | None = None, log=print) -> D
 
 @torch.no_grad()
 def evaluate_run(clf: MemoryClassifier, data: Dataset, topk: int | None = None, plot: str | None = None,
-                 balanced: bool = False) -> dict:
-    """Top-1 and top-5 test accuracy, per-class accuracy and the confusion matrix of the memory classifier."""
+                 balanced: bool = False, **changes) -> dict:
+    """Top-1 and top-5 test accuracy, per-class accuracy and the confusion matrix of the memory classifier, read
+    by the run's rule (the stored tuned one, else as trained) with these changes (ReadRule fields)."""
     topk = clf.topk if topk is None else topk
     if not 0 <= topk <= clf.memory.size:
         raise ConfigError(f"--topk {topk} must be between 0 and the memory's {clf.memory.size} cells")
+    rule = clf.read_rule(topk, balanced, **changes)
     # The data set's labels name its own classes; the run's may have grown (sam-cls add): map them by name.
     names = {name: i for i, name in enumerate(clf.classes)}
     missing = [c for c in data.classes if c not in names]
@@ -40,7 +44,7 @@ def evaluate_run(clf: MemoryClassifier, data: Dataset, topk: int | None = None, 
         raise ConfigError(f"the test set's classes {missing} are not in the run's memory")
     truth = torch.tensor([names[c] for c in data.classes])[data.test_y]
     u = encode_all(clf.encoder, data.test_x, clf.cfg.eval_batch_size, desc="test")
-    log_probs = torch.cat([clf.read(u[i : i + 1024], topk, balanced) for i in range(0, len(u), 1024)])
+    log_probs = clf.read(u, **rule.as_dict())
     ranked = log_probs.topk(min(5, len(clf.classes)), dim=1).indices
     predicted = ranked[:, 0]
     confusion = torch.zeros(len(clf.classes), len(clf.classes), dtype=torch.long)
@@ -54,7 +58,23 @@ def evaluate_run(clf: MemoryClassifier, data: Dataset, topk: int | None = None, 
         confusion_png(confusion, clf.classes, plot)
     return {"accuracy": round(100.0 * (predicted == truth).float().mean().item(), 3),
             "top5": round(100.0 * (ranked == truth[:, None]).any(1).float().mean().item(), 3),
-            "topk": topk, "n": len(truth), "per_class": per_class}
+            "topk": topk, "n": len(truth), "read": rule.as_dict(), "per_class": per_class}
+
+
+def tune_run(clf: MemoryClassifier, data: Dataset | None = None, log=print) -> dict:
+    """Choose the run's read rule (sam_cls/tune.py) on its validation share (data's test split, where the run
+    trained with --validation), else on its own cells left one out; stored by the caller's clf.save()."""
+    start = time.perf_counter()
+    validation = None
+    if data is not None and clf.cfg.validation:
+        names = {name: i for i, name in enumerate(clf.classes)}
+        truth = torch.tensor([names[c] for c in data.classes])[data.test_y]
+        validation = (encode_all(clf.encoder, data.test_x, clf.cfg.eval_batch_size, desc="validation"), truth)
+    as_trained = ReadRule(min(clf.cfg.topk, clf.memory.size), clf.cfg.temperature)
+    clf.state["read"] = tune_memory(clf.memory, clf.index, as_trained, len(clf.classes), clf.cell_facts(),
+                                    validation, clf.cfg.seed)
+    log(f"read tuned in {time.perf_counter() - start:.1f}s")
+    return clf.state["read"]["report"]
 
 
 @torch.no_grad()

@@ -11,20 +11,23 @@ from tqdm import tqdm
 
 from sam_cls.checkpoint import CheckpointError, RunDir, check_resumable, fault_point
 from sam_cls.config import Config, ConfigError, TrainingError, make_config
-from sam_cls.copies import cell_images, encode_cells
+from sam_cls.copies import cell_images, deform, encode_cells
 from sam_cls.data import augment
 from sam_cls.evaluate import encode_all
 from sam_cls.index import IndexRefresher
 from sam_cls.memory import MemoryBank
 from sam_cls.model import calibrate_batchnorm
 from sam_cls.modes import lays_out_memory, make_mode
+from sam_cls.read import ReadRule
 from sam_cls.setup import get_dataset, index_params, make_encoder, resolve_device
+from sam_cls.tune import tune_memory
 
 
 class Trainer:
     """Holds everything one run mutates, so a checkpoint is exactly `state_dict()`."""
 
     clock = staticmethod(time.perf_counter)  # times the steps against --max-seconds (tests replace it)
+    tunes_read = True  # a sharded memory (DistributedTrainer) holds a share of the cells: it keeps the read as trained
 
     def __init__(self, cfg: Config, log=print):
         self.cfg, self.log = cfg, log
@@ -55,6 +58,7 @@ class Trainer:
         self.refresher: IndexRefresher | None = None  # made by prepare(), over the memory
         self.resume_centroids: torch.Tensor | None = None  # a checkpoint's IVF centroids, for prepare()
         self.committed = False  # whether a checkpoint of this run exists (for the divergence message)
+        self.read: dict | None = None  # the read rule tuned at the end of training (tune_read)
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up then linear decay to zero over the run's progress: by steps, or by seconds where
@@ -120,8 +124,23 @@ class Trainer:
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """The pixels of cells idx: training images, or their deformed copies (regenerated, never stored)."""
-        x = self.train_x[idx] if self.cfg.copies == 1 else cell_images(self.train_x, idx, self.cfg.seed)
-        return augment(x, self.aug_gen) if self.cfg.augment and self.data.natural else x
+        cfg = self.cfg
+        x = self.train_x[idx] if cfg.copies == 1 else cell_images(self.train_x, idx, cfg.seed)
+        if cfg.deform_queries:
+            x = self.deform_queries(idx, x)
+        return augment(x, self.aug_gen) if cfg.augment and self.data.natural else x
+
+    def deform_queries(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A --deform-queries share of the batch as fresh deformations of their images, never seen before."""
+        # A stored copy is one of C fixed deformations; a fresh one each step (copy numbers past any memory's,
+        # drawn from the crop generator, so a resumed run draws the same) teaches the encoder the invariance
+        # itself, and the copies then land near their image instead of adding unreliable cells.
+        n, gen = len(self.train_y), self.aug_gen
+        chosen = torch.rand(len(idx), generator=gen, device=gen.device) < self.cfg.deform_queries
+        fresh = torch.randint(1 << 20, 1 << 31, (len(idx),), generator=gen, device=gen.device)
+        examples = (idx % n).to(x.device)
+        moved = deform(self.train_x[examples], examples, torch.where(chosen, fresh, 0).to(x.device), self.cfg.seed)
+        return torch.where(chosen.to(x.device)[:, None, None, None], moved, x)
 
     def diverged(self, value) -> TrainingError:
         cfg = self.cfg
@@ -210,8 +229,33 @@ class Trainer:
             return encode_all(self.encoder, self.train_x, cfg.eval_batch_size, desc="memory")
         return encode_cells(self.encoder, self.train_x, cfg.copies, cfg.seed, cfg.eval_batch_size)
 
+    def finished(self) -> bool:
+        """Whether the epoch just ended is the run's last (by epochs or by --max-seconds)."""
+        return self.step >= self.total_steps or self.out_of_time()
+
+    def tune_read(self) -> dict:
+        """Choose and keep the read predictions will use (sam_cls/tune.py); what the metrics line records of it."""
+        mode, cfg = self.mode, self.cfg
+        if not cfg.tune_read or cfg.head != "memory" or not self.tunes_read:
+            return {}
+        start = time.perf_counter()
+        facts = mode.facts()
+        validation = None
+        if cfg.validation:  # the held-out share is the data set's test split here (setup.get_dataset)
+            u = encode_all(self.encoder, self.data.test_x, cfg.eval_batch_size, desc="validation")
+            validation = (u, self.data.test_y.to(u.device))
+        as_trained = mode.accuracy(self.data)
+        self.read = tune_memory(self.memory, self.refresher.index, mode.rule, self.data.num_classes, facts,
+                                validation, cfg.seed)
+        mode.rule = ReadRule.from_dict(self.read["rule"])
+        self.log(f"read tuned in {time.perf_counter() - start:.1f}s: {self.read['rule']}")
+        return {"test_acc_as_trained": round(as_trained, 3), "read": self.read["rule"]}
+
     def save(self, run: RunDir) -> None:
-        run.commit(self.state_dict(), self.refresher.index)
+        state = self.state_dict()
+        if self.read is not None and self.finished():  # the rule tuned for this memory, at the run's end only
+            state["read"] = self.read
+        run.commit(state, self.refresher.index)
 
     def fit(self, run: RunDir) -> dict:
         cfg = self.cfg
@@ -225,12 +269,13 @@ class Trainer:
             self.refresh_memory()
             # The evaluation depth by measured recall, unless --nprobe fixed it; training reads keep theirs.
             self.refresher.rebuild("evaluation", calibrate=cfg.nprobe is None)
+            tuned = self.tune_read() if self.finished() else {}
             test_acc = self.mode.accuracy(self.data)
             record = {"epoch": round(self.step / self.steps_per_epoch, 4), "step": self.step,
                       "train_loss": round(epoch["train_loss"], 5), "train_acc": round(epoch["train_acc"], 3),
                       "test_acc": round(test_acc, 3), "images_per_s": round(epoch["images_per_s"], 1),
                       "seconds": round(time.perf_counter() - epoch_start, 2),
-                      "index_rebuilds": self.refresher.rebuilds - rebuilds_before}
+                      "index_rebuilds": self.refresher.rebuilds - rebuilds_before, **tuned}
             run.append_metrics(record)
             fault_point("metrics")
             self.save(run)

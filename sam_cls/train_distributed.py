@@ -38,7 +38,7 @@ def check_options(cfg: Config, world: int) -> None:
                    # A background build finishes at a different step on each rank, and the ranks' indices
                    # would then rebuild apart: the policy must be decided alike everywhere.
                    "--background-rebuild": cfg.background_rebuild,
-                   "--copies": cfg.copies > 1}
+                   "--copies": cfg.copies > 1, "--deform-queries": cfg.deform_queries > 0}
     named = [name for name, used in unsupported.items() if used]
     if named:
         raise ConfigError(f"{', '.join(named)} is not supported by distributed training (torchrun); train it in "
@@ -50,6 +50,8 @@ def check_options(cfg: Config, world: int) -> None:
 
 class DistributedTrainer(Trainer):
     """A Trainer whose memory is this rank's shard and whose steps take this rank's share of each batch."""
+
+    tunes_read = False  # each rank holds a share of the cells; `sam-cls evaluate --tune` tunes the whole memory
 
     def __init__(self, cfg: Config, comm: Comm, log=print):
         check_options(cfg, comm.world)

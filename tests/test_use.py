@@ -25,11 +25,12 @@ def quiet(_msg):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 1-epoch run on a 3-class RGB image folder of 12x12 images, and that folder."""
+    """A 1-epoch run on a 3-class RGB image folder of 12x12 images, and that folder; it reads as trained
+    (tests/test_rules.py covers the tuned read)."""
     root = tmp_path_factory.mktemp("use")
     write_imagefolder(root / "images", n_per_class=30, classes=["ant", "bee", "cat"], size=12, seed=0)
     cfg = make_config(None, dataset="imagefolder", data_dir=str(root / "images"), encoder="linear", dim=16,
-                      topk=16, epochs=1, batch_size=32, device="cpu", out=str(root / "run"))
+                      topk=16, epochs=1, batch_size=32, device="cpu", out=str(root / "run"), tune_read=False)
     train(cfg, log=quiet)
     return root / "run", root / "images"
 

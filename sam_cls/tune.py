@@ -1,0 +1,198 @@
+"""Choosing a run's read rule (K, temperature, class prior, per-source and per-class reads) on its own data.
+
+Queries are the run's validation share where it trained with one, else a sample of its memory's own cells read
+leave-one-out (each query's source image excluded, as training reads exclude it), as many of each class as it
+has up to an equal share. Two scores decide:
+  plain    accuracy on the queries against the memory as it is;
+  small    where the memory holds small classes (added from a few examples: under SMALL_SHARE of the largest
+           class), the harmonic mean of their queries' accuracy and the others'; where it holds none, the same
+           for a few classes in turn cut to THIN_CELLS cells (a class added later, simulated on trained ones).
+The chosen rule has the best small-class score among the rules whose plain accuracy is at least the read-as-
+trained's, so a tuned read never loses to the read as trained on the queries it was tuned on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import torch
+
+from sam_cls.evaluate import CellFacts
+from sam_cls.memory import MemoryBank
+from sam_cls.read import ReadRule, candidate_scores, select_cells, weigh_cells
+
+# ----------------------------------------------------------------------------- hyper-parameters, all here
+QUERIES = 2000  # validation queries (a seeded sample where there are more)
+FETCH = 1024  # candidates searched once per query; every rule of the grid reads from these
+TOPKS = (16, 32, 64, 128, 256, 512)
+TEMPERATURE_SCALES = (0.5, 0.7, 1.0, 1.4, 2.0)  # times the trained temperature
+CLASS_KS = (0, 4, 16, 64)
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+THIN_CELLS = 20  # the few-example class the thinned score simulates
+FINALISTS = 3  # rules of each kind, best first by plain accuracy, tried under every class prior
+SMALL_SHARE = 0.25  # a class under this share of the largest class's cells counts as small
+THIN_CLASSES = 4  # classes thinned in turn (a seeded choice)
+
+
+class Pool:
+    """Candidate cells of each query, sorted best first, and what every rule reads of them (selections cached:
+    the temperature and the class prior only re-weigh them)."""
+
+    def __init__(self, scores: torch.Tensor, labels: torch.Tensor, origins: torch.Tensor, counts: dict, classes: int):
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        self.scores, self.labels, self.origins = scores.gather(1, order), labels.gather(1, order), origins.gather(1, order)
+        self.counts, self.classes, self.kept = counts, classes, {}
+
+    def log_probs(self, rule: ReadRule) -> torch.Tensor:
+        key = (0 if rule.class_k else rule.topk, rule.class_k, rule.per_source)  # a per-class read ignores K
+        if key not in self.kept:  # the selected cells packed to the left: a rule of K = 16 weighs 16 columns
+            keep = select_cells(self.scores, self.labels, rule, self.origins)
+            width = max(1, int(keep.sum(1).max()))
+            cols = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
+            packed = keep.gather(1, cols)
+            self.kept[key] = (self.scores.gather(1, cols), self.labels.gather(1, cols), packed)
+        scores, labels, keep = self.kept[key]
+        return weigh_cells(scores, labels, keep, rule, self.classes, self.counts[rule.per_source])
+
+
+def candidates(u: torch.Tensor, memory: MemoryBank, index, facts: CellFacts, own: torch.Tensor | None,
+               num_classes: int) -> tuple[Pool, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each query's FETCH nearest cells with exact similarities, its own source masked: a Pool, and the raw
+    (scores, labels, origins) a thinned memory is cut from."""
+    _, ids = index.search(u, min(memory.size, FETCH))
+    ids = ids.to(memory.embeddings.device)
+    found = ids >= 0
+    ids = ids.clamp_min(0)
+    scores = candidate_scores(u, ids, memory.embeddings).masked_fill(~found, float("-inf"))
+    origins = facts.origins.to(ids.device)[ids] if facts.origins is not None else ids
+    if own is not None:  # leave-one-out: a query's own source image is not evidence about it
+        scores = scores.masked_fill(origins == own.unsqueeze(1), float("-inf"))
+    labels = memory.labels[ids]
+    counts = {False: facts.class_cells, True: facts.class_sources}
+    return Pool(scores, labels, origins, counts, num_classes), scores, labels, origins
+
+
+def thinned_pool(u: torch.Tensor, memory: MemoryBank, facts: CellFacts, raw: tuple, own: torch.Tensor | None,
+                 c: int, keep: torch.Tensor, num_classes: int) -> Pool:
+    """The pool of a memory whose class c is cut to rows `keep`: its other cells masked, the kept ones scored
+    exactly wherever the search ranked them."""
+    scores, labels, origins = raw
+    scores = scores.masked_fill(labels == c, float("-inf"))
+    kept = u @ memory.embeddings[keep].T
+    kept_origins = (facts.origins[keep.cpu()] if facts.origins is not None else keep).to(kept.device)
+    if own is not None:
+        kept = kept.masked_fill(kept_origins == own.unsqueeze(1), float("-inf"))
+    b = len(scores)
+    cells, sources = facts.class_cells.clone(), facts.class_sources.clone()
+    cells[c], sources[c] = len(keep), min(int(sources[c]), len(keep))
+    return Pool(torch.cat([scores, kept], 1), torch.cat([labels, memory.labels[keep].expand(b, -1)], 1),
+                torch.cat([origins, kept_origins.expand(b, -1)], 1), {False: cells, True: sources}, num_classes)
+
+
+def stratified(truth: torch.Tensor, num_classes: int, total: int, g: torch.Generator) -> torch.Tensor:
+    """Up to total queries: an equal share of each class, a small class's unused share going to the larger ones."""
+    order = torch.randperm(len(truth), generator=g)
+    key = truth[order]
+    grouped = order[key.argsort(stable=True)]  # each class's rows together, in the random order
+    by_class = sorted((b for b in grouped.split(torch.bincount(key, minlength=num_classes).tolist()) if len(b)),
+                      key=len)
+    picks, left = [], total
+    for i, b in enumerate(by_class):  # smallest first: what a class cannot use goes to the ones after it
+        picks.append(b[: left // (len(by_class) - i)])
+        left -= len(picks[-1])
+    return torch.cat(picks).sort().values
+
+
+def _accuracy(log_probs: torch.Tensor, truth: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+    right = log_probs.argmax(1) == truth
+    right = right if rows is None else right[rows]
+    return 100.0 * right.float().mean().item() if len(right) else 0.0
+
+
+def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, base: ReadRule, num_classes: int,
+              facts: CellFacts, own: torch.Tensor | None = None, seed: int = 0) -> tuple[ReadRule, dict]:
+    """The rule for this memory (see the module docstring) and a report of the scores that chose it.
+
+    u, truth: query embeddings and classes; own: each query's source image where it is a memory cell (leave-one-
+    out), else None. base: the read as trained, the rule to beat.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pick = stratified(truth.cpu(), num_classes, QUERIES, g)
+    u, truth = u[pick.to(u.device)], truth[pick.to(truth.device)]
+    own = own[pick.to(own.device)] if own is not None else None
+    truth = truth.to(memory.labels.device)
+    pool, *raw = candidates(u, memory, index, facts, own, num_classes)
+    n_per_source = facts.copies if facts.origins is not None else 1
+
+    def plain(rule: ReadRule) -> float:
+        return _accuracy(pool.log_probs(rule), truth)
+
+    # Stage 1, plain accuracy: every K, temperature, per-class k and (for memories of copies) per-source vote.
+    topks = sorted({k for k in TOPKS if k <= min(FETCH, memory.size - n_per_source)} | {base.topk})
+    per_source = (False, True) if n_per_source > 1 else (False,)
+    grid = [ReadRule(k if not ck else base.topk, round(base.temperature * t, 6), 0.0, ps, ck)
+            for k, t, ck, ps in itertools.product(topks, TEMPERATURE_SCALES, CLASS_KS, per_source)
+            if not ck or k == topks[0]]
+    baseline = plain(base)
+    stage1 = {rule: plain(rule) for rule in grid}
+    # Stage 2, small classes: each survivor under every class prior, on the memory's own small classes, or on
+    # trained classes cut to a few cells where it has none.
+    cells = facts.class_cells
+    small = ((cells > 0) & (cells < SMALL_SHARE * cells.max())).nonzero().squeeze(1)
+    scenarios, thin = [], []
+    if len(small) and torch.isin(truth.cpu(), small).any():
+        scenarios.append((small.to(truth.device), pool))
+    else:
+        present = (cells > THIN_CELLS).nonzero().squeeze(1)
+        thin = present[torch.randperm(len(present), generator=g)[:THIN_CLASSES]].tolist()
+        for c in thin:
+            rows = (memory.labels.cpu() == c).nonzero().squeeze(1)
+            keep = rows[torch.randperm(len(rows), generator=g)[:THIN_CELLS]].to(memory.labels.device)
+            scenarios.append((torch.tensor([c], device=truth.device),
+                              thinned_pool(u, memory, facts, raw, own, c, keep, num_classes)))
+
+    def thinned(rule: ReadRule) -> float:
+        means = []
+        for classes, scenario in scenarios:
+            log_probs = scenario.log_probs(rule)
+            is_small = torch.isin(truth, classes)
+            a_c, a_o = _accuracy(log_probs, truth, is_small), _accuracy(log_probs, truth, ~is_small)
+            means.append(0.0 if a_c + a_o == 0 else 2 * a_c * a_o / (a_c + a_o))
+        return sum(means) / max(1, len(means))
+
+    # The FINALISTS best K and temperature of each kind of read (per-class k, per-source), under every prior.
+    kinds: dict[tuple, list] = {}
+    for rule, acc in sorted(stage1.items(), key=lambda item: -item[1]):
+        if acc >= baseline:
+            kinds.setdefault((rule.class_k, rule.per_source), []).append(rule)
+    finalists = [base] + [replace(rule, alpha=a) for best in kinds.values() for rule in best[:FINALISTS]
+                          for a in ALPHAS]
+    scored = []
+    for rule in finalists:
+        acc = stage1.get(rule, None) if not rule.alpha else None
+        acc = plain(rule) if acc is None else acc
+        if acc >= baseline:
+            scored.append((thinned(rule), acc, rule))
+    # The best thinned score; ties go to the higher plain accuracy, then to the earlier (simpler) rule.
+    chosen_thinned, chosen_acc, chosen = max(scored, key=lambda t: (t[0], t[1], -scored.index(t)))
+    report = {"queries": len(u), "leave_one_out": own is not None, "rules_tried": len(grid) + len(finalists),
+              "as_trained": {"rule": base.as_dict(), "accuracy": round(baseline, 3),
+                             "thinned": round(thinned(base), 3)},
+              "tuned": {"rule": chosen.as_dict(), "accuracy": round(chosen_acc, 3),
+                        "thinned": round(chosen_thinned, 3)},
+              "small_classes": small.tolist(), "thin_cells": THIN_CELLS, "thinned_classes": thin}
+    return chosen, report
+
+
+def tune_memory(memory: MemoryBank, index, base: ReadRule, num_classes: int, facts: CellFacts,
+                validation: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> dict:
+    """What a run stores as its read: the rule tuned on validation embeddings and classes if given, else on
+    its own cells read leave-one-out; and the report of the scores that chose it."""
+    if validation is not None:
+        u, truth, own = validation[0], validation[1], None
+    else:  # every cell a candidate query; tune_read draws its class-stratified sample
+        u, truth = memory.embeddings, memory.labels
+        own = facts.origins.to(u.device) if facts.origins is not None else torch.arange(memory.size, device=u.device)
+    rule, report = tune_read(u, truth, memory, index, base, num_classes, facts, own, seed)
+    return {"rule": rule.as_dict(), "report": report}
