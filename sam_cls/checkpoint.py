@@ -9,18 +9,30 @@ config for people; the checkpoint's own copy is what every command reads.
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
+import re
 import shutil
 import signal
-import zlib
+import sys
 from pathlib import Path
 
 import torch
 
+from sam_cls import runlock
 from sam_cls.config import Config, save_config
+from sam_cls.files import NotRegularFileError, open_file, read_bytes
 from sam_cls.index.store import digest, read_header
+from sam_cls.integrity import (
+    CHECKSUM_KEY,
+    LEGACY_CHECKSUM_KEY,
+    describe,
+    generation,
+    identity,
+    next_generation,
+    seal,
+    verify,
+)
 
 
 class CheckpointError(ValueError):
@@ -71,58 +83,79 @@ def check_resumable(state: dict, cfg: Config, device_type: str, world_size: int 
                               f"{state['device_type']}")
 
 
+class StaleRunError(CheckpointError):
+    """The run committed a generation since this writer loaded it: saving would lose that commit."""
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 class RunDir:
     """Where a run keeps its config, checkpoint, inference memory, index and per-epoch metrics."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, log=None):
         self.path = Path(path)
+        self.log = log or _stderr  # warnings (a fallback, post-commit work left for later); stdout stays clean
         self.config = self.path / "config.yaml"
         self.checkpoint = self.path / "checkpoint.pt"
         self.index = self.path / "index.faiss"
         self.previous = self.path / "checkpoint.prev.pt"  # the generation before the latest
         self.previous_index = self.path / "index.prev.faiss"
         self.metrics = self.path / "metrics.jsonl"
+        self.unfinished = self.path / ".commit-unfinished"  # present from before a commit point to its last step
+        self.base: dict | None = None  # the generation this writer loaded or committed last (see commit)
+        self._lock_fd: int | None = None
+        self._current = False  # whether `base` is known to be the run's latest (checked under the lock)
+        self._fell_back = False  # whether `base` is the previous generation, the latest being unreadable
 
     @contextlib.contextmanager
     def lock(self):
-        """Hold the run's write lock (an OS file lock, gone with the process); a second writer fails at once."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """Hold the run's write lock (runlock.py: on the directory, gone with the process); a second writer fails
+        at once. A RunDir that holds it already holds it once (a command around the API's save())."""
+        if self._lock_fd is not None:
+            yield self
+            return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunLockedError(f"{self.path} is being written by process {holder}: wait for it to finish, or "
-                                 "use another --out") from None
+            fd = runlock.acquire(self.path)
+        except runlock.Locked as e:
+            raise RunLockedError(f"{self.path} is being written by process {e.args[0]}: wait for it to finish, "
+                                 "or use another --out") from None
+        self._lock_fd = fd
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self._clean()
             yield self
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            self._lock_fd, self._current = None, False
+            runlock.release(fd)
 
     def _clean(self) -> None:
-        """Remove what an interrupted writer left: temporary files, and side indices no checkpoint names."""
-        for stale in [*self.path.glob("*.tmp"), *self.path.glob(".*.tmp")]:
-            stale.unlink(missing_ok=True)
+        """Finish or remove what an interrupted writer left: temporary files, side indices no checkpoint names,
+        and a commit's work after its commit point (index rename, config.yaml, metrics), rolled forward."""
+        for stale in self.path.iterdir():
+            if TEMPORARY.search(stale.name):
+                stale.unlink(missing_ok=True)
         sides = list(self.path.glob(".index-*.next"))
-        if not sides:  # the usual case: no crash between a commit's steps, nothing to read
-            return
-        latest, previous = self._named_side(self.checkpoint), self._named_side(self.previous)
-        for side in sides:
-            if side == latest:  # the latest commit's rename never happened: finish it
-                os.replace(side, self.index)
-            elif side != previous:
-                side.unlink(missing_ok=True)
+        if sides:  # a crash between a commit's steps
+            latest, previous = self._named_side(self.checkpoint), self._named_side(self.previous)
+            for side in sides:
+                if side == latest:  # the latest commit's rename never happened: finish it
+                    os.replace(side, self.index)
+                elif side != previous:
+                    side.unlink(missing_ok=True)
+        if self.unfinished.exists():
+            try:
+                state = load_tensors(self.checkpoint)
+            except CheckpointError:  # readers fall back to the previous generation; the next commit replaces it
+                return
+            if self._finish(state):
+                self.unfinished.unlink(missing_ok=True)
 
     def _named_side(self, checkpoint: Path) -> Path | None:
         """The side index a checkpoint names, or None (no checkpoint, an unreadable one, or no digest)."""
         try:
             want = load_tensors(checkpoint).get("index_digest") if checkpoint.is_file() else None
-        except CheckpointError:
+        except (CheckpointError, OSError):
             return None
         return self.pending_index(want) if isinstance(want, dict) and "payload_crc32" in want else None
 
@@ -130,46 +163,113 @@ class RunDir:
         """Where an index waits, named by its checksum, between its write and the checkpoint that names it."""
         return self.path / f".index-{want['payload_crc32']:08x}.next"
 
-    def commit(self, state: dict, index) -> None:
+    def commit(self, state: dict, index, op: str | None = None) -> dict:
         """Save an index and the checkpoint it belongs to so that a crash at any point leaves a consistent
         pair: the index goes to a side file named by its checksum, the current generation is kept as the
         previous one, the checkpoint (naming the index by that checksum) replaces the old one (the commit
-        point), then the index takes its place and config.yaml follows.
+        point), then the index takes its place and config.yaml and metrics.jsonl follow. Returns the new
+        generation; work after the commit point that fails is a warning, finished by the next writer.
+
+        The writer holds the run's lock (taken here if it does not), and commits only over the generation it
+        loaded or committed last: a run changed by another writer since is a StaleRunError, nothing written.
+        `op` (a digest of the change, e.g. the images added) is stored with the generation, so a retried
+        command can tell it was already applied.
 
         index=None commits a checkpoint that names other files itself (a sharded run's shards, each with its
         own index built at load: shard_files.py); the index of an earlier generation is left as it is."""
-        if index is not None:
-            scratch = self.path / ".index.next.tmp"
-            want = digest(index.save(scratch))
-            pending = self.pending_index(want)
-            os.replace(scratch, pending)
-            state = {**state, "index_digest": want}
-        fault_point("index")
-        if self.checkpoint.is_file():
-            _keep(self.checkpoint, self.previous)
-            if self.index.is_file():
-                _keep(self.index, self.previous_index)
-        atomic_save(state, self.checkpoint)
-        fault_point("checkpoint")
-        if index is not None:
-            os.replace(pending, self.index)
+        with self.lock():
+            self._check_current()
+            gen = next_generation(self.base, op)
+            state = {**state, "generation": gen}
+            pending = None
+            if index is not None:
+                scratch = self.path / ".index.next.tmp"
+                want = digest(index.save(scratch, {"generation": gen}))
+                pending = self.pending_index(want)
+                os.replace(scratch, pending)
+                state["index_digest"] = want
+            fault_point("index")
+            self.unfinished.touch()  # before the commit point: a failure here leaves the run as it was
+            if self.checkpoint.is_file() and not self._fell_back:  # never keep an unreadable latest as previous
+                _keep(self.checkpoint, self.previous)
+                if self.index.is_file():
+                    _keep(self.index, self.previous_index)
+            state = atomic_save(state, self.checkpoint)  # the commit point
+            self.base, self._current, self._fell_back = summary(state), True, False
+            fault_point("checkpoint")
+            if pending is not None:
+                try:
+                    os.replace(pending, self.index)
+                except OSError as e:  # readers find it by its checksum; the next writer puts it in place
+                    self.log(f"warning: committed {describe(state, str(self.checkpoint))}, but its index is still "
+                             f"{pending.name} ({e.strerror}): the next writer moves it to {self.index.name}")
+            if self._finish(state):
+                self.unfinished.unlink(missing_ok=True)
+            for stale in self.path.glob(".index-*.next"):  # left by a crash before an earlier commit's rename
+                if stale != pending:
+                    stale.unlink(missing_ok=True)
+            return gen
+
+    def _finish(self, state: dict) -> bool:
+        """config.yaml and metrics.jsonl as the committed state says; False (and a warning) where one cannot be
+        written now (a full disk): the next writer retries, and the commit stands either way."""
         fault_point("config")
-        self.save_config(state["config"])
-        for stale in self.path.glob(".index-*.next"):  # left by a crash before an earlier commit's rename
-            stale.unlink(missing_ok=True)
+        done = True
+        for what, write in (("config.yaml", lambda: self.save_config(state["config"])),
+                            ("metrics.jsonl", lambda: self.sync_metrics(state))):
+            try:
+                write()
+            except OSError as e:
+                done = False
+                self.log(f"warning: committed {describe(state, str(self.checkpoint))}, but could not write "
+                         f"{what} ({e.strerror or e}): the next writer of the run writes it")
+        return done
+
+    def _check_current(self) -> None:
+        """Under the lock: refuse to commit over a generation this writer has not seen."""
+        if self._current:
+            return
+        if not self.checkpoint.exists() and not self.checkpoint.is_symlink():
+            latest = None
+        else:
+            try:
+                latest = summary(load_tensors(self.checkpoint))
+            except CheckpointError:
+                if self._fell_back:  # loaded from the previous generation because this one is unreadable
+                    self._current = True
+                    return
+                raise
+        if identity(latest) != identity(self.base):
+            have = describe(self.base, "generation it loaded") if self.base else "no generation (a new run)"
+            raise StaleRunError(f"{self.path} was changed by another writer: it holds {describe(latest, 'a newer')}"
+                                f" but this writer has {have}; load the run again and redo the change (saving "
+                                "now would lose the other writer's commit)")
+        self._current = True
 
     def load_state(self, map_location: str | torch.device = "cpu", log=None) -> dict:
-        """The latest committed checkpoint; where it cannot be read, the previous one, and say so."""
+        """The latest committed checkpoint; where it cannot be read, the previous one of the same run, and say so
+        (naming both generations)."""
+        log = log or self.log
         self.require_checkpoint()
         try:
-            return load_tensors(self.checkpoint, map_location)
+            state = load_tensors(self.checkpoint, map_location)
+            self._fell_back = False
         except CheckpointError as e:
             if not self.previous.is_file():
                 raise
             state = load_tensors(self.previous, map_location)
-            (log or print)(f"warning: {e}; using the previous checkpoint {self.previous.name} (epoch "
-                           f"{state.get('epoch')}, step {state.get('step')}) instead")
-            return state
+            latest = read_header(self.index).get("generation")  # the index committed with the latest checkpoint
+            run, other = generation(state).get("run"), (latest or {}).get("run") if isinstance(latest, dict) else None
+            if other and run != other:
+                raise CheckpointError(f"{e}; {describe(state, str(self.previous))} is from another run than the "
+                                      f"latest (run {other}): refusing to fall back to it; restore the run's own "
+                                      "files or train it again") from None
+            was = (f"generation {latest.get('number')} of run {other}" if other else "the latest")
+            log(f"warning: {e}; using the previous checkpoint {describe(state, str(self.previous))} instead of "
+                f"{was}")
+            self._fell_back = True
+        self.base, self._current = summary(state), self._lock_fd is not None
+        return state
 
     def index_file(self, state: dict) -> Path:
         """The index file that belongs to this checkpoint (after a crash between the commit point and the
@@ -192,7 +292,7 @@ class RunDir:
                               f"from another run or epoch, or damaged): run `sam-cls rebuild-index --run {self.path}`")
 
     def require_checkpoint(self) -> None:
-        if not self.checkpoint.is_file():
+        if not (self.checkpoint.exists() or self.checkpoint.is_symlink()):
             raise CheckpointError(
                 f"no checkpoint in {self.path} (expected {self.checkpoint.name}): point --run at a directory "
                 f"written by `sam-cls train --out DIR`"
@@ -201,19 +301,52 @@ class RunDir:
     def save_config(self, cfg: Config | dict) -> None:
         """config.yaml, a copy for people of the config a checkpoint holds (written after its commit)."""
         tmp = self.config.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)  # save_config writes by name: no symlink may stand there
         save_config(cfg, tmp)
         os.replace(tmp, self.config)
 
-    def append_metrics(self, record: dict) -> None:
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    def sync_metrics(self, state: dict) -> None:
+        """metrics.jsonl := the committed state's per-epoch records (appended where it is a prefix of them), so
+        the file never holds a line of an epoch that did not commit."""
+        records = state.get("history")
+        if records is None:  # a checkpoint from before it kept them: drop only lines ahead of it
+            self.truncate_metrics(int(state.get("step", 0)))
+            return
+        want = "".join(json.dumps(record) + "\n" for record in records)
+        have = self._text()
+        if have == want:
+            return
+        if want.startswith(have):
+            with open_file(self.metrics, "ab") as f:
+                f.write(want[len(have):].encode())
+                fault_point("metrics-line")
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            self._write_metrics(want)
+
+    def _text(self) -> str:
+        try:
+            return read_bytes(self.metrics).decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _write_metrics(self, text: str) -> None:
+        tmp = self.metrics.with_name(self.metrics.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            with open_file(tmp, "wb") as f:
+                f.write(text.encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.metrics)  # a symlink in its place is replaced, never written through
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _lines(self) -> list[tuple[str, dict | None]]:
         """Each metrics line with its record; None for a line cut short by an interrupted write."""
-        if not self.metrics.is_file():
-            return []
         out = []
-        for line in self.metrics.read_text().splitlines():
+        for line in self._text().splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
@@ -227,10 +360,22 @@ class RunDir:
 
     def truncate_metrics(self, steps_done: int) -> None:
         """Drop metrics of epochs whose checkpoint never landed, so a resumed run does not repeat lines."""
-        if not self.metrics.is_file():
-            return
-        kept = [line for line, record in self._lines() if record is not None and record.get("step", steps_done + 1) <= steps_done]
-        self.metrics.write_text("".join(ln + "\n" for ln in kept))
+        lines = self._lines()
+        kept = [line for line, record in lines
+                if record is not None and record.get("step", steps_done + 1) <= steps_done]
+        if len(kept) != len(lines):
+            self._write_metrics("".join(ln + "\n" for ln in kept))
+
+
+# Temporary files the writers create: name.tmp (atomic_save, _keep, config, metrics, the lock's holder) and
+# .name.tmp<pid> (write_index_file), removed when the next writer starts.
+TEMPORARY = re.compile(r"\.tmp\d*$")
+
+
+def summary(state: dict) -> dict:
+    """What a writer keeps of the generation it loaded: enough to name it and to tell it from any other."""
+    return {key: state[key] for key in ("generation", CHECKSUM_KEY, LEGACY_CHECKSUM_KEY, "epoch", "step")
+            if key in state}
 
 
 def _keep(path: Path, as_path: Path) -> None:
@@ -244,34 +389,16 @@ def _keep(path: Path, as_path: Path) -> None:
     os.replace(tmp, as_path)
 
 
-CHECKSUM_KEY = "tensors_crc32"  # a checkpoint's own checksum of its tensors' bytes
-
-
-def tensors_crc32(obj, crc: int = 0) -> int:
-    """CRC-32 of every tensor's bytes in a nested state, in a fixed order: torch.load does not check its data."""
-    if isinstance(obj, torch.Tensor):
-        flat = obj.detach().cpu().contiguous().reshape(-1)
-        return zlib.crc32(flat.view(torch.uint8).numpy() if flat.numel() else b"", crc)
-    if isinstance(obj, dict):
-        for key in sorted(obj, key=str):
-            if key != CHECKSUM_KEY:
-                crc = tensors_crc32(obj[key], zlib.crc32(str(key).encode(), crc))
-    elif isinstance(obj, list | tuple):
-        for item in obj:
-            crc = tensors_crc32(item, crc)
-    return crc
-
-
-def atomic_save(obj: dict, path: Path) -> None:
-    """Write, flush to disk, then rename, so an interrupted or failed save leaves the previous file whole.
-
-    The file carries a checksum of its tensors, so a flipped byte inside one is found when it is loaded.
-    """
-    obj = {**obj, CHECKSUM_KEY: tensors_crc32(obj)}
+def atomic_save(obj: dict, path: Path) -> dict:
+    """Write, flush to disk, then rename, so an interrupted or failed save leaves the previous file whole;
+    returns the state as saved, with the checksum over all of it that load_tensors checks."""
+    obj = seal(obj)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
+        tmp.unlink(missing_ok=True)  # torch.save writes through a name: no symlink may stand there
+        with open_file(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the data it names
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
@@ -283,19 +410,28 @@ def atomic_save(obj: dict, path: Path) -> None:
         raise OSError(code, f"{os.strerror(code)} ({free >> 20} MiB free; torch: {str(e).splitlines()[0].strip()})",
                       str(path)) from None
     os.replace(tmp, path)
+    return obj
 
 
 def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, never pickled code."""
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}: rebuild it with `sam-cls rebuild-index --run {path.parent}`")
+    """torch.load with weights_only=True (tensors and plain containers only, never pickled code), of a regular
+    file only, checked against the checksum it carries. A file that cannot be opened for a reason other than
+    damage (a permission) raises that OSError, not a CheckpointError."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the file is corrupt or not a sam-cls file; "
-                              f"re-run training or `sam-cls rebuild-index --run {path.parent}`") from e
+        f = open_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"missing {path}: restore it, or train the run again with `sam-cls train`") from None
+    except NotRegularFileError as e:
+        raise CheckpointError(f"{path} {e.strerror}") from None
+    with f:
+        try:
+            state = torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the file is corrupt or not a sam-cls "
+                                  "file; restore it, or train the run again") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a sam-cls checkpoint (a {type(state).__name__}, not a dict)")
-    if CHECKSUM_KEY in state and state[CHECKSUM_KEY] != tensors_crc32(state):
-        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
+    damage = verify(state)
+    if damage:
+        raise CheckpointError(f"{path}: {damage}, the file is corrupt")
     return state

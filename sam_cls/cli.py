@@ -171,7 +171,7 @@ def run_options(fn):
     return click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")(fn)
 
 
-def load(run_dir: str, device: str, index: bool = True):
+def load(run_dir: str | RunDir, device: str, index: bool = True):
     from sam_cls.classifier import load as load_classifier
 
     return load_classifier(run_dir, device, log, index)
@@ -236,12 +236,13 @@ def explain(run_dir, device, image, neighbours, out, balanced, as_json) -> None:
 @friendly_errors
 def add(run_dir, device, folder, as_json) -> None:
     """Write labelled images into a run's memory and index with its trained encoder (no training)."""
-    with RunDir(run_dir).lock():
-        clf = load(run_dir, device)
-        before = list(clf.classes)
+    with RunDir(run_dir, log).lock() as run:
+        clf = load(run, device)
+        before, cells = list(clf.classes), clf.memory.size
         added = clf.add_folder(folder)
-        clf.save()
-    report({"added": added, "cells": clf.memory.size, "new_classes": clf.classes[len(before):],
+        if not clf.save(once=True):  # a retry of an add that committed: it adds nothing twice
+            added, clf.classes = 0, before
+    report({"added": added, "cells": cells + added, "new_classes": clf.classes[len(before):],
             "classes": clf.classes}, as_json)
 
 
@@ -260,11 +261,13 @@ def forget(run_dir, device, class_name, source, cells, as_json) -> None:
         numbers = [int(c) for c in cells.split(",")] if cells else None
     except ValueError:
         raise ConfigError(f"--cells takes cell numbers separated by commas, got {cells!r}") from None
-    with RunDir(run_dir).lock():
-        clf = load(run_dir, device)
+    with RunDir(run_dir, log).lock() as run:
+        clf = load(run, device)
+        cells = clf.memory.size
         forgotten = clf.forget(class_name, source, numbers)
-        clf.save()
-    report({"forgotten": forgotten, "cells": clf.memory.size}, as_json)
+        if not clf.save(once=True):  # a retry of a forget that committed: it removes nothing more
+            forgotten = 0
+    report({"forgotten": forgotten, "cells": cells - forgotten}, as_json)
 
 
 @main.command()
@@ -296,8 +299,8 @@ def rebuild_index(run_dir, device, copies, data_dir, as_json, **options) -> None
     from sam_cls.run import expand_memory, rebuild_run_index, run_data
     from sam_cls.setup import index_params
 
-    with RunDir(run_dir).lock():
-        clf = load(run_dir, device, index=False)  # the saved index may be the reason for the rebuild
+    with RunDir(run_dir, log).lock() as run:
+        clf = load(run, device, index=False)  # the saved index may be the reason for the rebuild
         if copies is not None:
             expand_memory(clf, run_data(clf, data_dir, log), copies, log)
         clf.cfg = make_config(None, **{**clf.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})

@@ -8,6 +8,8 @@ import struct
 import zlib
 from pathlib import Path
 
+from sam_cls.files import NotRegularFileError, open_file
+
 MAGIC = b"SAMCLSIX"  # first 8 bytes of every index file
 FORMAT_VERSION = 1
 REBUILD_HINT = "run `sam-cls rebuild-index --run RUN_DIR`"
@@ -32,7 +34,8 @@ def write_index_file(path: str | Path, header: dict, payload) -> dict:
     head = json.dumps(header, sort_keys=True).encode()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # written by name: no symlink may stand there
+        with open_file(tmp, "wb") as f:
             f.write(MAGIC + struct.pack("<Q", len(head)) + head)
             f.write(view)
             f.flush()
@@ -53,7 +56,7 @@ def digest(header: dict) -> dict:
 def read_header(path: str | Path) -> dict:
     """An index file's header, read without its payload; {} where there is no readable header."""
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             if f.read(len(MAGIC)) != MAGIC:
                 return {}
             (head_len,) = struct.unpack("<Q", f.read(8))
@@ -71,7 +74,7 @@ def read_index_file(path: str | Path) -> tuple[dict, bytearray]:
         return IndexMismatchError(f"{path}: cannot read index file ({why}); {REBUILD_HINT} to rebuild it")
 
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             if f.read(len(MAGIC)) != MAGIC:
                 raise fail("not a sam-cls index file")
             raw_len = f.read(8)
@@ -92,6 +95,10 @@ def read_index_file(path: str | Path) -> tuple[dict, bytearray]:
             got = f.readinto(payload)
     except FileNotFoundError:
         raise fail("file not found") from None
+    except NotRegularFileError as e:  # a FIFO would block the read forever; a symlink is never followed
+        raise IndexMismatchError(f"{path} {e.strerror}") from None
+    except PermissionError:  # not damage: the fix is a permission, not a rebuild
+        raise
     except OSError as e:
         raise fail(f"{type(e).__name__}: {e}") from e
     if got != len(payload):
