@@ -21,7 +21,7 @@ import torch
 
 from sam_cls import runlock
 from sam_cls.config import Config, save_config
-from sam_cls.files import NotRegularFileError, open_file, read_bytes
+from sam_cls.files import NotRegularFileError, check_regular, open_file, read_bytes
 from sam_cls.index.store import digest, read_header
 from sam_cls.integrity import (
     CHECKSUM_KEY,
@@ -257,7 +257,10 @@ class RunDir:
         except CheckpointError as e:
             if not self.previous.is_file():
                 raise
-            state = load_tensors(self.previous, map_location)
+            try:
+                state = load_tensors(self.previous, map_location)
+            except CheckpointError as before:
+                raise CheckpointError(f"{e}; and the previous generation cannot be used either ({before})") from None
             latest = read_header(self.index).get("generation")  # the index committed with the latest checkpoint
             run, other = generation(state).get("run"), (latest or {}).get("run") if isinstance(latest, dict) else None
             if other and run != other:
@@ -275,6 +278,8 @@ class RunDir:
         """The index file that belongs to this checkpoint (after a crash between the commit point and the
         rename, the one still waiting beside it); any other is an error that says how to rebuild it."""
         want = state.get("index_digest")
+        if self.index.is_symlink() or (self.index.exists() and not self.index.is_file()):
+            check_regular(self.index)  # a FIFO would block the read forever: say what stands there instead
         if want is None:  # a checkpoint from before indices were named by checksum
             return self.index
         if not isinstance(want, dict) or not isinstance(want.get("payload_crc32"), int):
@@ -316,7 +321,7 @@ class RunDir:
         have = self._text()
         if have == want:
             return
-        if want.startswith(have):
+        if have is not None and want.startswith(have):
             with open_file(self.metrics, "ab") as f:
                 f.write(want[len(have):].encode())
                 fault_point("metrics-line")
@@ -325,11 +330,14 @@ class RunDir:
         else:
             self._write_metrics(want)
 
-    def _text(self) -> str:
+    def _text(self) -> str | None:
+        """metrics.jsonl's text; "" when there is none, None when something other than a file stands there."""
         try:
             return read_bytes(self.metrics).decode(errors="replace")
         except FileNotFoundError:
             return ""
+        except NotRegularFileError:
+            return None
 
     def _write_metrics(self, text: str) -> None:
         tmp = self.metrics.with_name(self.metrics.name + ".tmp")
@@ -346,7 +354,7 @@ class RunDir:
     def _lines(self) -> list[tuple[str, dict | None]]:
         """Each metrics line with its record; None for a line cut short by an interrupted write."""
         out = []
-        for line in self._text().splitlines():
+        for line in (self._text() or "").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
@@ -363,7 +371,7 @@ class RunDir:
         lines = self._lines()
         kept = [line for line, record in lines
                 if record is not None and record.get("step", steps_done + 1) <= steps_done]
-        if len(kept) != len(lines):
+        if len(kept) != len(lines) or self._text() is None:
             self._write_metrics("".join(ln + "\n" for ln in kept))
 
 

@@ -31,11 +31,12 @@ def refuse(path: str | Path, what: str) -> NotRegularFileError:
                                              "(replace it with the file itself)", str(path))
 
 
-def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
-    """os.open that follows no symlink in the last component and opens only a regular file (or creates one);
-    returns the fd. O_NONBLOCK keeps a FIFO from blocking the open; it is cleared once the file is known."""
+def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644, follow: bool = False) -> int:
+    """os.open that opens only a regular file (or creates one) and, unless follow (an input the user named, which
+    may be a link they made), no symlink in the last component; returns the fd. O_NONBLOCK keeps a FIFO from
+    blocking the open; it is cleared once the file is known to be regular."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+        fd = os.open(path, flags | (0 if follow else os.O_NOFOLLOW) | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise refuse(path, "a symbolic link") from None
@@ -50,11 +51,11 @@ def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644) 
     return fd
 
 
-def open_file(path: str | Path, how: str = "rb"):
+def open_file(path: str | Path, how: str = "rb", follow: bool = False):
     """A Python file object over open_regular: "rb", "wb" (create or truncate), "ab" (create, append)."""
     flags = {"rb": os.O_RDONLY, "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
              "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND}[how]
-    return os.fdopen(open_regular(path, flags), how)
+    return os.fdopen(open_regular(path, flags, follow=follow), how)
 
 
 def check_regular(path: str | Path) -> None:
