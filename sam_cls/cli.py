@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import re
 import sys
 
 import click
@@ -14,6 +15,12 @@ from sam_cls.config import DEVICES, FIELDS, bounds_text, flag, kind, make_config
 def log(message: str) -> None:
     """Progress and logs go to stderr, so stdout stays one clean result (a JSON line with --json)."""
     click.echo(message, err=True)
+
+
+def shown(text) -> str:
+    """A name as one line of output shows it: a newline or other control character in a class name or a path
+    would break the line format (and could forge a line), so it is escaped as Python writes it."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], str(text))
 
 
 def report(result: dict, as_json: bool) -> None:
@@ -171,6 +178,18 @@ def run_options(fn):
     return click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")(fn)
 
 
+def _max_pixels(ctx, param, value) -> None:
+    from sam_cls.images import max_pixels
+
+    max_pixels(value)
+
+
+# For the commands that decode image files: a small file can declare a huge image (a decompression bomb).
+max_pixels_option = click.option("--max-image-pixels", type=click.IntRange(min=1), expose_value=False,
+                                 callback=_max_pixels, help="Refuse images larger than this many pixels  "
+                                 "[default: PIL's Image.MAX_IMAGE_PIXELS, 89478485]")
+
+
 def load(run_dir: str | RunDir, device: str, index: bool = True):
     from sam_cls.classifier import load as load_classifier
 
@@ -183,6 +202,7 @@ def load(run_dir: str | RunDir, device: str, index: bool = True):
 @click.option("--topk", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
 @click.option("--balanced", is_flag=True, help=BALANCED_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+@max_pixels_option
 @friendly_errors
 def predict(run_dir, device, paths, topk, balanced, as_json) -> None:
     """Classify image files (or every image in the folders given), any size or format."""
@@ -198,7 +218,7 @@ def predict(run_dir, device, paths, topk, balanced, as_json) -> None:
         if as_json:
             click.echo(json.dumps({"path": str(path), "top": top}))
         else:
-            click.echo(f"{path}  " + "  ".join(f"{t['class']} {t['probability']:.3f}" for t in top))
+            click.echo(f"{shown(path)}  " + "  ".join(f"{shown(t['class'])} {t['probability']:.3f}" for t in top))
 
 
 @main.command()
@@ -209,6 +229,7 @@ def predict(run_dir, device, paths, topk, balanced, as_json) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), help="Write a PNG of the query beside its neighbours.")
 @click.option("--balanced", is_flag=True, help=BALANCED_HELP)
 @click.option("--json", "as_json", is_flag=True)
+@max_pixels_option
 @friendly_errors
 def explain(run_dir, device, image, neighbours, out, balanced, as_json) -> None:
     """The stored examples a prediction rests on: label, similarity, softmax weight and source of each."""
@@ -222,10 +243,10 @@ def explain(run_dir, device, image, neighbours, out, balanced, as_json) -> None:
     if as_json:
         click.echo(json.dumps({"path": image, "predicted": predicted, "neighbours": rows}))
         return
-    click.echo(f"{image}: {predicted}")
+    click.echo(f"{shown(image)}: {shown(predicted)}")
     for row in rows:
-        click.echo(f"  cell {row['cell']:>7}  {row['label']:<12} similarity {row['similarity']:.3f}  "
-                   f"weight {row['weight']:.3f}  {row['source']}")
+        click.echo(f"  cell {row['cell']:>7}  {shown(row['label']):<12} similarity {row['similarity']:.3f}  "
+                   f"weight {row['weight']:.3f}  {shown(row['source'])}")
 
 
 @main.command()
@@ -233,6 +254,7 @@ def explain(run_dir, device, image, neighbours, out, balanced, as_json) -> None:
 @click.option("--data", "folder", required=True, type=click.Path(exists=True, file_okay=False),
               help="Image folder laid out as DIR/<class>/*: new or existing class names.")
 @click.option("--json", "as_json", is_flag=True)
+@max_pixels_option
 @friendly_errors
 def add(run_dir, device, folder, as_json) -> None:
     """Write labelled images into a run's memory and index with its trained encoder (no training)."""

@@ -65,6 +65,6 @@ def check_regular(path: str | Path) -> None:
         raise refuse(path, _kind(st.st_mode))
 
 
-def read_bytes(path: str | Path) -> bytes:
-    with open_file(path, "rb") as f:
+def read_bytes(path: str | Path, follow: bool = False) -> bytes:
+    with open_file(path, "rb", follow) as f:
         return f.read()

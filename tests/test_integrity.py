@@ -12,14 +12,19 @@ import json
 import os
 import re
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import time
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from datafiles import write_imagefolder
+from datafiles import write_cifar10, write_imagefolder
 from PIL import Image
 
 import sam_cls
@@ -27,6 +32,7 @@ from sam_cls import checkpoint
 from sam_cls.checkpoint import CheckpointError, RunDir, RunLockedError, StaleRunError, load_tensors
 from sam_cls.cli import main
 from sam_cls.config import make_config
+from sam_cls.data import DatasetError
 from sam_cls.train import train
 
 
@@ -226,3 +232,149 @@ def test_a_fifo_given_to_predict_is_one_clear_error(run, tmp_path):
     os.mkfifo(tmp_path / "x.png")
     line = one_line_error(cli("predict", "--run", run, "--device", "cpu", tmp_path / "x.png"))
     assert "x.png" in line and "FIFO" in line
+
+
+# ----------------------------------------------------------------------------------------------- declared sizes
+def png_declaring(path, width: int, height: int) -> None:
+    """A valid PNG header declaring width x height grey pixels, and almost no data: a decompression bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
+
+
+def test_an_image_over_the_pixel_limit_is_one_clear_error_and_the_limit_can_be_raised(run, tmp_path):
+    png_declaring(tmp_path / "bomb.png", 30000, 30000)
+    line = one_line_error(cli("predict", "--run", run, "--device", "cpu", tmp_path / "bomb.png"))
+    assert "900000000 pixels" in line and "--max-image-pixels" in line
+    with pytest.raises(DatasetError, match="900000000 pixels"):
+        sam_cls.load(run, device="cpu").predict(tmp_path / "bomb.png")
+    Image.new("L", (40, 40), 7).save(tmp_path / "small.png")
+    line = one_line_error(cli("predict", "--run", run, "--device", "cpu", "--max-image-pixels", 1000,
+                              tmp_path / "small.png"))
+    assert "1600 pixels" in line
+    ok = cli("predict", "--run", run, "--device", "cpu", "--max-image-pixels", 2000, tmp_path / "small.png")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_a_cifar_file_declaring_more_images_than_it_holds_is_refused(tmp_path):
+    from sam_cls.data import load_dataset
+
+    write_cifar10(tmp_path)
+    n = 20000  # 61 MB of images declared in a file of 60 kB: numpy.ndarray called with a shape allocates them
+    crafted = (b"\x80\x02}q\x00(X\x04\x00\x00\x00dataq\x01cnumpy\nndarray\nq\x02M" + struct.pack("<H", n)
+               + b"M\x00\x0c\x86q\x03X\x02\x00\x00\x00u1q\x04\x86q\x05Rq\x06X\x06\x00\x00\x00labelsq\x07]q\x08("
+               + b"K\x00" * n + b"eu.")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(crafted)
+    with pytest.raises(DatasetError, match="more than the file"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_an_index_declaring_more_memory_than_its_file_is_one_clear_error(tmp_path):
+    from sam_cls.index import IndexParams, build_index
+    from sam_cls.index.store import read_index_file, write_index_file
+
+    vectors = torch.nn.functional.normalize(torch.randn(300, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    header = build_index(vectors, IndexParams(kind="flat"), k=4).save(tmp_path / "index.faiss")
+    _, payload = read_index_file(tmp_path / "index.faiss")
+    # faiss's flat payload: IxFI, d (4 bytes), ntotal and two more 8-byte fields, is_trained (1), metric (4),
+    # then the length of the vectors' bytes, which faiss allocates before it reads them: 3 GiB.
+    struct.pack_into("<Q", payload, 4 + 4 + 8 + 8 + 8 + 1 + 4, 3 << 30)
+    write_index_file(tmp_path / "index.faiss", {k: v for k, v in header.items() if not k.startswith("payload")},
+                     payload)
+    # As on a machine with 2 GiB to spare: the allocation itself fails.
+    script = ("import resource, sys\n"
+              "from sam_cls.index import IndexMismatchError, load_index\n"
+              "import faiss\n"
+              "used = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (used + (2 << 30), resource.RLIM_INFINITY))\n"
+              "try:\n    load_index(sys.argv[1])\n"
+              "except IndexMismatchError as e:\n    print(e)\n    sys.exit(3)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "index.faiss")], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 3 and "declares more memory" in r.stdout, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------- records
+def test_no_metrics_line_lands_before_its_commit(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "synthetic", "--synthetic-train", "300", "--synthetic-test", "100",
+            "--synthetic-classes", "5", "--synthetic-shape", "1,6,6", "--encoder", "linear", "--dim", "16",
+            "--topk", "16", "--batch-size", "32", "--epochs", "2", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, checkpoint.FAULT_ENV: "metrics:2"}  # killed with epoch 2's record made, not committed
+    proc = subprocess.run([sys.executable, "-m", "sam_cls.cli", *argv], env=env, capture_output=True, timeout=120,
+                          check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [r["step"] for r in RunDir(out).load_metrics()] == [load_tensors(out / "checkpoint.pt")["step"]] == [10]
+
+
+def test_every_temporary_file_a_writer_makes_is_removed_by_the_next(run):
+    names = ["checkpoint.pt.tmp", "checkpoint.prev.pt.tmp", "config.tmp", "metrics.jsonl.tmp", ".lock.4242.tmp",
+             ".index.next.tmp", "..index.next.tmp.tmp4242", "shard-000000010-0-of-2.pt.tmp"]
+    for name in names:
+        (run / name).write_bytes(b"half")
+    with RunDir(run).lock():
+        pass
+    assert not [name for name in names if (run / name).exists()]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_a_checkpoint_that_may_not_be_read_is_a_permission_error_not_damage(run):
+    (run / "checkpoint.pt").chmod(0)
+    try:
+        line = one_line_error(cli("evaluate", "--run", run, "--device", "cpu"))
+    finally:
+        (run / "checkpoint.pt").chmod(0o644)
+    assert "Permission denied" in line and "corrupt" not in line
+
+
+def test_a_newline_in_a_class_name_keeps_predict_to_one_line_an_image(run, tmp_path):
+    image_folder(tmp_path / "new", name="two\nlines")
+    assert cli("add", "--run", run, "--device", "cpu", "--data", tmp_path / "new").exit_code == 0
+    r = cli("predict", "--run", run, "--device", "cpu", "--topk", 6, tmp_path / "new" / "two\nlines" / "0.png")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 1 and "two\\nlines" in r.stdout, r.output
+
+
+def test_the_ranks_of_a_job_whose_agent_died_stop(tmp_path):
+    """torchrun's agent SIGKILLed mid-run: its ranks must not train on, rank 0 holding the run's lock."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sam_cls",
+            "train", "--dataset", "synthetic", "--synthetic-train", "300", "--synthetic-test", "100",
+            "--synthetic-classes", "5", "--synthetic-shape", "1,6,6", "--encoder", "linear", "--dim", "16",
+            "--topk", "16", "--batch-size", "32", "--epochs", "500", "--index", "torch", "--device", "cpu",
+            "--out", str(tmp_path / "run")]
+    agent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "checkpoint.pt").exists():
+            assert agent.poll() is None and time.monotonic() < deadline, "the job never committed"
+            time.sleep(0.2)
+        ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and parent(p) == agent.pid]
+        assert len(ranks) == 2
+        agent.kill()
+        agent.wait()
+        deadline = time.monotonic() + 20
+        while [r for r in ranks if alive(r)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [r for r in ranks if alive(r)], "ranks trained on after their agent died"
+    finally:
+        agent.kill()
+        for r in ranks:
+            if alive(r):
+                os.kill(r, signal.SIGKILL)
+
+
+def parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import struct
 import zlib
 from pathlib import Path
@@ -116,3 +118,26 @@ def check_header(path: str | Path, header: dict, expect: dict) -> None:
             raise IndexMismatchError(
                 f"{path}: index {key} is {got!r} but {want!r} was expected; {REBUILD_HINT} to rebuild it"
             )
+
+
+@contextlib.contextmanager
+def memory_bound(payload_bytes: int):
+    """Cap the process's address space while a payload is parsed: a serialized index holds its vectors, so
+    parsing it needs about its own size, and a vector length crafted far beyond the file (faiss allocates a
+    declared length before it reads) fails as a MemoryError instead of claiming the machine's memory."""
+    try:
+        with open("/proc/self/status") as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):  # no /proc: no cap
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = used + max(1 << 30, 4 * payload_bytes)  # room for the index itself, malloc's arenas and a margin
+    if soft != resource.RLIM_INFINITY and soft <= cap:
+        yield  # already as strict
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
