@@ -5,15 +5,18 @@ the run under its checksum's name, the checkpoint (which names the index by that
 one atomically, then the index takes its place. The generation before stays as checkpoint.prev.pt and
 index.prev.faiss, so a damaged latest checkpoint falls back to it. config.yaml mirrors the checkpoint's
 config for people; the checkpoint's own copy is what every command reads.
+
+Every writer holds the run's lock (runlock.py) and commits only over the generation it loaded (integrity.py:
+the checksum over the whole checkpoint, the generation's number and run id). Work after the commit point that
+fails (a full disk) is a warning, and the next writer finishes it; files are opened as regular files only
+(files.py), so nothing planted in the directory is followed or blocks.
 """
 
 import contextlib
 import errno
-import json
 import os
 import re
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -21,7 +24,8 @@ import torch
 
 from sam_cls import runlock
 from sam_cls.config import Config, save_config
-from sam_cls.files import NotRegularFileError, check_regular, open_file, read_bytes
+from sam_cls.fault import FAULT_ENV, fault_point  # noqa: F401 -- FAULT_ENV: where tests look for it
+from sam_cls.files import NotRegularFileError, check_regular, open_file
 from sam_cls.index.store import digest, read_header
 from sam_cls.integrity import (
     CHECKSUM_KEY,
@@ -33,6 +37,7 @@ from sam_cls.integrity import (
     seal,
     verify,
 )
+from sam_cls.metrics_file import MetricsFile
 
 
 class CheckpointError(ValueError):
@@ -41,22 +46,6 @@ class CheckpointError(ValueError):
 
 class RunLockedError(CheckpointError):
     """Another process is writing the run directory."""
-
-
-FAULT_ENV = "SAM_CLS_FAULT_AT"  # for fault-injection tests only: "<point>[:<n>]" SIGKILLs at the n-th <point>
-_faults_seen: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    """Die here, as a power cut would, when a fault-injection test asks for it (see FAULT_ENV); else nothing."""
-    want = os.environ.get(FAULT_ENV)
-    if not want:
-        return
-    point, _, nth = want.partition(":")
-    if point == name:
-        _faults_seen[name] = _faults_seen.get(name, 0) + 1
-        if _faults_seen[name] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # Options a resumed run may not change: they define what the checkpoint's tensors and optimizer state mean.
@@ -91,7 +80,7 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-class RunDir:
+class RunDir(MetricsFile):
     """Where a run keeps its config, checkpoint, inference memory, index and per-epoch metrics."""
 
     def __init__(self, path: str | Path, log=None):
@@ -189,7 +178,7 @@ class RunDir:
                 os.replace(scratch, pending)
                 state["index_digest"] = want
             fault_point("index")
-            self.unfinished.touch()  # before the commit point: a failure here leaves the run as it was
+            open_file(self.unfinished, "wb").close()  # before the commit point: a failure leaves the run as it was
             if self.checkpoint.is_file() and not self._fell_back:  # never keep an unreadable latest as previous
                 _keep(self.checkpoint, self.previous)
                 if self.index.is_file():
@@ -240,10 +229,11 @@ class RunDir:
                     return
                 raise
         if identity(latest) != identity(self.base):
-            have = describe(self.base, "generation it loaded") if self.base else "no generation (a new run)"
-            raise StaleRunError(f"{self.path} was changed by another writer: it holds {describe(latest, 'a newer')}"
-                                f" but this writer has {have}; load the run again and redo the change (saving "
-                                "now would lose the other writer's commit)")
+            have = describe(self.base, "the generation it loaded") if self.base else "none (a new run)"
+            now = describe(latest, "a newer generation") if latest else "no checkpoint"
+            raise StaleRunError(f"{self.path} was changed by another writer: it holds {now} but this writer has "
+                                f"{have}; load the run again and redo the change (saving now would lose the other "
+                                "writer's commit)")
         self._current = True
 
     def load_state(self, map_location: str | torch.device = "cpu", log=None) -> dict:
@@ -261,8 +251,8 @@ class RunDir:
                 state = load_tensors(self.previous, map_location)
             except CheckpointError as before:
                 raise CheckpointError(f"{e}; and the previous generation cannot be used either ({before})") from None
-            latest = read_header(self.index).get("generation")  # the index committed with the latest checkpoint
-            run, other = generation(state).get("run"), (latest or {}).get("run") if isinstance(latest, dict) else None
+            latest = self._latest_generation()
+            run, other = generation(state).get("run"), latest.get("run")
             if other and run != other:
                 raise CheckpointError(f"{e}; {describe(state, str(self.previous))} is from another run than the "
                                       f"latest (run {other}): refusing to fall back to it; restore the run's own "
@@ -273,6 +263,13 @@ class RunDir:
             self._fell_back = True
         self.base, self._current = summary(state), self._lock_fd is not None
         return state
+
+    def _latest_generation(self) -> dict:
+        """The newest generation an index beside the run was committed with ({} if none says): what a damaged
+        latest checkpoint was, as its index (in place, or still waiting beside it) records it."""
+        found = [read_header(p).get("generation") for p in (self.index, *self.path.glob(".index-*.next"))]
+        found = [g for g in found if isinstance(g, dict) and isinstance(g.get("number"), int)]
+        return max(found, key=lambda g: g["number"], default={})
 
     def index_file(self, state: dict) -> Path:
         """The index file that belongs to this checkpoint (after a crash between the commit point and the
@@ -309,70 +306,6 @@ class RunDir:
         tmp.unlink(missing_ok=True)  # save_config writes by name: no symlink may stand there
         save_config(cfg, tmp)
         os.replace(tmp, self.config)
-
-    def sync_metrics(self, state: dict) -> None:
-        """metrics.jsonl := the committed state's per-epoch records (appended where it is a prefix of them), so
-        the file never holds a line of an epoch that did not commit."""
-        records = state.get("history")
-        if records is None:  # a checkpoint from before it kept them: drop only lines ahead of it
-            self.truncate_metrics(int(state.get("step", 0)))
-            return
-        want = "".join(json.dumps(record) + "\n" for record in records)
-        have = self._text()
-        if have == want:
-            return
-        if have is not None and want.startswith(have):
-            with open_file(self.metrics, "ab") as f:
-                f.write(want[len(have):].encode())
-                fault_point("metrics-line")
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            self._write_metrics(want)
-
-    def _text(self) -> str | None:
-        """metrics.jsonl's text; "" when there is none, None when something other than a file stands there."""
-        try:
-            return read_bytes(self.metrics).decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-        except NotRegularFileError:
-            return None
-
-    def _write_metrics(self, text: str) -> None:
-        tmp = self.metrics.with_name(self.metrics.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            with open_file(tmp, "wb") as f:
-                f.write(text.encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.metrics)  # a symlink in its place is replaced, never written through
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _lines(self) -> list[tuple[str, dict | None]]:
-        """Each metrics line with its record; None for a line cut short by an interrupted write."""
-        out = []
-        for line in (self._text() or "").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            out.append((line, record if isinstance(record, dict) else None))
-        return out
-
-    def load_metrics(self) -> list[dict]:
-        """The per-epoch records, oldest first."""
-        return [record for _, record in self._lines() if record is not None]
-
-    def truncate_metrics(self, steps_done: int) -> None:
-        """Drop metrics of epochs whose checkpoint never landed, so a resumed run does not repeat lines."""
-        lines = self._lines()
-        kept = [line for line, record in lines
-                if record is not None and record.get("step", steps_done + 1) <= steps_done]
-        if len(kept) != len(lines) or self._text() is None:
-            self._write_metrics("".join(ln + "\n" for ln in kept))
 
 
 # Temporary files the writers create: name.tmp (atomic_save, _keep, config, metrics, the lock's holder) and
