@@ -178,6 +178,7 @@ class RunDir(MetricsFile):
                 os.replace(scratch, pending)
                 state["index_digest"] = want
             fault_point("index")
+            self.unfinished.unlink(missing_ok=True)  # whatever stood there: the marker is a file of its own
             open_file(self.unfinished, "wb").close()  # before the commit point: a failure leaves the run as it was
             if self.checkpoint.is_file() and not self._fell_back:  # never keep an unreadable latest as previous
                 _keep(self.checkpoint, self.previous)
@@ -337,9 +338,8 @@ def atomic_save(obj: dict, path: Path) -> dict:
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.unlink(missing_ok=True)  # torch.save writes through a name: no symlink may stand there
-        with open_file(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        torch.save(obj, tmp)
+        with open_file(tmp) as f:
             os.fsync(f.fileno())  # the rename must not reach the disk before the data it names
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ import torch
 from click.testing import CliRunner
 from datafiles import write_cifar10, write_imagefolder
 from PIL import Image
+from procs import alive, children
 
 import sam_cls
 from sam_cls import checkpoint
@@ -350,7 +350,7 @@ def test_the_ranks_of_a_job_whose_agent_died_stop(tmp_path):
         while not (tmp_path / "run" / "checkpoint.pt").exists():
             assert agent.poll() is None and time.monotonic() < deadline, "the job never committed"
             time.sleep(0.2)
-        ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and parent(p) == agent.pid]
+        ranks = children(agent.pid)
         assert len(ranks) == 2
         agent.kill()
         agent.wait()
@@ -364,17 +364,3 @@ def test_the_ranks_of_a_job_whose_agent_died_stop(tmp_path):
             if alive(r):
                 os.kill(r, signal.SIGKILL)
 
-
-def parent(proc: Path) -> int | None:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
