@@ -179,9 +179,12 @@ def run_options(fn):
 
 
 def _max_pixels(ctx, param, value) -> None:
+    """--max-image-pixels for the command's duration (PIL's limit is global to the process)."""
     from sam_cls.images import max_pixels
 
-    max_pixels(value)
+    if value is not None:
+        before = max_pixels(value)
+        ctx.call_on_close(lambda: max_pixels(before))
 
 
 # For the commands that decode image files: a small file can declare a huge image (a decompression bomb).

@@ -40,10 +40,13 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def max_pixels(limit: int | None) -> None:
-    """Set the largest image (in pixels) that is decoded (PIL's Image.MAX_IMAGE_PIXELS); None keeps PIL's."""
+def max_pixels(limit: int | None) -> int | None:
+    """Set the largest image (in pixels) that is decoded (PIL's Image.MAX_IMAGE_PIXELS; None keeps it); returns
+    the limit before, to restore it."""
+    before = Image.MAX_IMAGE_PIXELS
     if limit is not None:
         Image.MAX_IMAGE_PIXELS = limit
+    return before
 
 
 def read_image(path: str | Path) -> Image.Image:

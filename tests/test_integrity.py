@@ -256,6 +256,7 @@ def test_an_image_over_the_pixel_limit_is_one_clear_error_and_the_limit_can_be_r
     assert "1600 pixels" in line
     ok = cli("predict", "--run", run, "--device", "cpu", "--max-image-pixels", 2000, tmp_path / "small.png")
     assert ok.exit_code == 0, ok.output
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # the option held for its command only
 
 
 def test_a_cifar_file_declaring_more_images_than_it_holds_is_refused(tmp_path):
