@@ -140,6 +140,15 @@ class RunDir(MetricsFile):
             if self._finish(state):
                 self.unfinished.unlink(missing_ok=True)
 
+    def finish_unfinished(self) -> None:
+        """A reader that finds a commit's work after its commit point undone (its writer was killed there, and
+        no writer may come: the run is complete) does it, where no writer holds the run and the run may be
+        written; otherwise it leaves it to the next writer. Never blocks."""
+        if self._lock_fd is not None or not self.unfinished.exists():
+            return
+        with contextlib.suppress(CheckpointError, OSError), self.lock():
+            pass
+
     def _named_side(self, checkpoint: Path) -> Path | None:
         """The side index a checkpoint names, or None (no checkpoint, an unreadable one, or no digest)."""
         try:

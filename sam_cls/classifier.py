@@ -273,6 +273,7 @@ def load(path: str | Path | RunDir, device: str = "auto", log=None, index: bool 
     it must work when the saved index is missing, damaged or another run's).
     """
     run = path if isinstance(path, RunDir) else RunDir(path, log)
+    run.finish_unfinished()  # a kill after the last commit point leaves config.yaml and metrics.jsonl behind
     state = run.load_state(log=log)
     sharded = is_sharded(state)
     state = gather_shards(run, state)  # a distributed run's shards, as one memory (a no-op for others)

@@ -298,16 +298,29 @@ def test_an_index_declaring_more_memory_than_its_file_is_one_clear_error(tmp_pat
 
 
 # ----------------------------------------------------------------------------------------------- records
-def test_no_metrics_line_lands_before_its_commit(tmp_path):
-    out = tmp_path / "run"
+def train_killed_at(fault: str, out) -> None:
+    """A two-epoch `sam-cls train` process SIGKILLed by the fault hook at `fault` ("<point>:<n>")."""
     argv = ["train", "--dataset", "synthetic", "--synthetic-train", "300", "--synthetic-test", "100",
             "--synthetic-classes", "5", "--synthetic-shape", "1,6,6", "--encoder", "linear", "--dim", "16",
             "--topk", "16", "--batch-size", "32", "--epochs", "2", "--device", "cpu", "--out", str(out)]
-    env = {**os.environ, checkpoint.FAULT_ENV: "metrics:2"}  # killed with epoch 2's record made, not committed
-    proc = subprocess.run([sys.executable, "-m", "sam_cls.cli", *argv], env=env, capture_output=True, timeout=120,
-                          check=False)
+    proc = subprocess.run([sys.executable, "-m", "sam_cls.cli", *argv], env={**os.environ, checkpoint.FAULT_ENV: fault},
+                          capture_output=True, timeout=120, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert [r["step"] for r in RunDir(out).load_metrics()] == [load_tensors(out / "checkpoint.pt")["step"]] == [10]
+
+
+def test_no_metrics_line_lands_before_its_commit(tmp_path):
+    train_killed_at("metrics:2", tmp_path / "run")  # epoch 2's record made, not committed
+    assert [r["step"] for r in RunDir(tmp_path / "run").load_metrics()] == [10]
+    assert load_tensors(tmp_path / "run" / "checkpoint.pt")["step"] == 10
+
+
+def test_a_kill_after_the_last_commit_point_is_finished_by_the_next_reader(tmp_path):
+    run = tmp_path / "run"
+    train_killed_at("checkpoint:2", run)  # epoch 2 committed, its metrics line not yet written
+    assert [r["step"] for r in RunDir(run).load_metrics()] == [10] and (run / ".commit-unfinished").exists()
+    assert cli("evaluate", "--run", run, "--device", "cpu").exit_code == 0  # no writer needs to come
+    assert [r["step"] for r in RunDir(run).load_metrics()] == [10, 20]
+    assert not (run / ".commit-unfinished").exists() and (run / "index.faiss").is_file()
 
 
 def test_every_temporary_file_a_writer_makes_is_removed_by_the_next(run):
