@@ -58,9 +58,9 @@ def open_file(path: str | Path, how: str = "rb", follow: bool = False):
     return os.fdopen(open_regular(path, flags, follow=follow), how)
 
 
-def check_regular(path: str | Path) -> None:
-    """Raise NotRegularFileError unless path is a regular file (not following a final symlink)."""
-    st = os.lstat(path)
+def check_regular(path: str | Path, follow: bool = False) -> None:
+    """Raise NotRegularFileError unless path is a regular file (following a final symlink only if follow)."""
+    st = os.stat(path) if follow else os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         raise refuse(path, _kind(st.st_mode))
 

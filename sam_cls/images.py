@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from sam_cls.data import DatasetError
-from sam_cls.files import open_file, refuse
+from sam_cls.files import NotRegularFileError, check_regular, open_file
 
 # What PIL (and so torchvision's ImageFolder) reads; other files in a folder are not images.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -35,8 +35,12 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise DatasetError(f"no such file or folder: {p}")
     for f in out:
-        if not f.is_file():  # following a symlink the user made: an input is theirs to point anywhere
-            raise DatasetError(f"cannot read image {f}: {refuse(f, 'a FIFO, device or socket').strerror}")
+        try:
+            check_regular(f, follow=True)  # a link the user made is theirs to point anywhere
+        except FileNotFoundError:
+            raise DatasetError(f"cannot read image {f}: a link to nothing") from None
+        except NotRegularFileError as e:  # a FIFO would block the read forever
+            raise DatasetError(f"cannot read image {f}: {e.strerror}") from None
     return out
 
 
