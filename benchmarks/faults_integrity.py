@@ -2,8 +2,8 @@
 
   writer:api-after-cli   `clf = sam_cls.load(R)`, `sam-cls add --run R` in another process, then `clf.save()`:
                          correct when the save is refused and the add's cells are still there.
-  disk-full:post-commit  `sam-cls add` on a tmpfs of each size from "nothing fits" to "all fits" (root only),
-                         then the same add retried with room: correct when a command that committed exited 0,
+  disk-full:post-commit  `sam-cls add` on a tmpfs at up to 30 free sizes from "nothing fits" to "all fits"
+                         (root only; the first two variants), then the same add retried with room: correct when a command that committed exited 0,
                          one that did not left the run as it was in one error line, and the retried add left
                          exactly one copy of the new cells.
   symlink:<file>         a run file replaced by a symlink to a file outside the run, then `forget` (and a
@@ -42,6 +42,8 @@ from datafiles import write_cifar10
 from procs import alive, children
 
 FIFO_TIMEOUT = 30  # seconds a command facing a FIFO may take before it counts as hung
+POST_COMMIT_SIZES = 30  # free sizes an add's commit is tried at, per variant (every page where it has fewer)
+POST_COMMIT_VARIANTS = 2  # variants the post-commit disk runs on (the first of the campaign's)
 
 
 def quiet(_line: str) -> None:
@@ -93,7 +95,7 @@ def post_commit_disk(c: Campaign, variant: str, folder: Path, mount: Path, step:
     pages = {p.name: -(-p.stat().st_size // 4096) for p in ref.path.iterdir() if p.is_file()}
     used, commit = sum(pages.values()) + 2, pages["checkpoint.pt"] + pages["index.faiss"] + 4
     before = cells(ref.path)
-    for free in range(0, commit + 1, step):
+    for free in range(0, commit + 1, max(step, commit // POST_COMMIT_SIZES)):
         for child in mount.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True, timeout=10)
@@ -262,7 +264,7 @@ def integrity_cases(c: Campaign, variants: list[str], folder: Path, plan: dict) 
     mount = c.work / "disk-post-commit"
     if mount_tmpfs(mount):
         try:
-            for variant in variants[: plan["disk_variants"]]:
+            for variant in variants[: min(POST_COMMIT_VARIANTS, plan["disk_variants"])]:
                 post_commit_disk(c, variant, folder, mount, plan["disk_step"])
         finally:
             subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True, timeout=10)

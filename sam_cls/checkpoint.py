@@ -166,7 +166,8 @@ class RunDir(MetricsFile):
         pair: the index goes to a side file named by its checksum, the current generation is kept as the
         previous one, the checkpoint (naming the index by that checksum) replaces the old one (the commit
         point), then the index takes its place and config.yaml and metrics.jsonl follow. Returns the new
-        generation; work after the commit point that fails is a warning, finished by the next writer.
+        generation; work after the commit point that fails is a warning, finished by the next holder of the
+        lock (finish_unfinished).
 
         The writer holds the run's lock (taken here if it does not), and commits only over the generation it
         loaded or committed last: a run changed by another writer since is a StaleRunError, nothing written.
@@ -295,8 +296,8 @@ class RunDir(MetricsFile):
         if digest(header) == want:
             return self.index
         for other in (self.pending_index(want), self.previous_index):
-            # A crash between the commit point and the rename leaves the index beside the run (a reader
-            # writes nothing: the next writer puts it in place); a fallback checkpoint has the previous one.
+            # A crash between the commit point and the rename leaves the index beside the run (reading moves
+            # nothing: the next holder of the lock puts it in place); a fallback checkpoint has the previous one.
             if digest(read_header(other)) == want:
                 return other
         holds = f"holds {header['size']} cells but " if "size" in header else ""
