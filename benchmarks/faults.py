@@ -1,7 +1,7 @@
 """Fault campaign: crash, damage and contend for run directories, and count what sam-cls makes of it.
 
-    python benchmarks/faults.py            # >= 200 SIGKILLs, >= 50 damaged files, writers, a full disk (~15 min)
-    python benchmarks/faults.py --quick    # a few of each (~1-2 min)
+    python benchmarks/faults.py            # >= 400 SIGKILLs, >= 250 damaged files, writers, full disks (~30 min)
+    python benchmarks/faults.py --quick    # a few of each (~3 min)
 
 Each case ends in one of three outcomes:
   correct         `evaluate` printed the accuracy the uninterrupted run measured at the step of the checkpoint
@@ -17,7 +17,9 @@ Kinds: SIGKILL through the fault hook (SAM_CLS_FAULT_AT=<point>:<epoch>) at each
 SIGKILL after a random time in [0, T], T the run's uninterrupted time; each file of a finished run truncated
 to half, zero-filled, overwritten with random bytes, swapped with another run's, or with one byte flipped; a
 second writer (train, resume, rebuild-index, forget, add) while the first is stopped holding its lock; a tmpfs
-too small for the run (root only), at sizes that fail each of the run's writes in turn.
+too small for the run (root only), at sizes that fail each of the run's writes in turn; and the integrity cases
+of faults_integrity.py (the API's writer after a CLI writer, a full disk after the commit point, symlinked and
+FIFO files, crafted sizes, torchrun's agent killed).
 
 Training is real and really SIGKILLed: each run is a process forked from a server that has imported sam-cls
 (multiprocessing's forkserver), which spares the ~3 s interpreter start; evaluate runs in this process
