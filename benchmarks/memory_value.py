@@ -275,9 +275,8 @@ def new_classes_part(name: str, data, work: Path, quick: bool) -> list[dict]:
     run = work / "new-classes" / f"{name}-memory"
     base = sam_cls.load(run, device="cpu")
     if "read" not in base.state:  # a run trained before reads were tuned: tune it as `evaluate --tune` would
-        with base.run.lock():
-            tune_run(base, None, log=lambda line: None)
-            base.save()
+        tune_run(base, None, log=lambda line: None)
+        base.save()
     out = [r for r in rows if r["method"] == "softmax-finetune"]
     soft = sam_cls.load(work / "new-classes" / f"{name}-softmax", device="cpu").encoder
     train_feats, test_feats = (encode_all(soft, x, 1024, fn=soft.features) for x in (data.train_x, data.test_x))

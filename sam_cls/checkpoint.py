@@ -5,22 +5,39 @@ the run under its checksum's name, the checkpoint (which names the index by that
 one atomically, then the index takes its place. The generation before stays as checkpoint.prev.pt and
 index.prev.faiss, so a damaged latest checkpoint falls back to it. config.yaml mirrors the checkpoint's
 config for people; the checkpoint's own copy is what every command reads.
+
+Every writer holds the run's lock (runlock.py) and commits only over the generation it loaded (integrity.py:
+the checksum over the whole checkpoint, the generation's number and run id). Work after the commit point that
+fails (a full disk) is a warning, and the next writer finishes it; files are opened as regular files only
+(files.py), so nothing planted in the directory is followed or blocks.
 """
 
 import contextlib
 import errno
-import fcntl
-import json
 import os
+import re
 import shutil
-import signal
-import zlib
+import sys
 from pathlib import Path
 
 import torch
 
+from sam_cls import runlock
 from sam_cls.config import Config, save_config
+from sam_cls.fault import FAULT_ENV, fault_point  # noqa: F401 -- FAULT_ENV: where tests look for it
+from sam_cls.files import NotRegularFileError, check_regular, open_file
 from sam_cls.index.store import digest, read_header
+from sam_cls.integrity import (
+    CHECKSUM_KEY,
+    LEGACY_CHECKSUM_KEY,
+    describe,
+    generation,
+    identity,
+    next_generation,
+    seal,
+    verify,
+)
+from sam_cls.metrics_file import MetricsFile
 
 
 class CheckpointError(ValueError):
@@ -29,22 +46,6 @@ class CheckpointError(ValueError):
 
 class RunLockedError(CheckpointError):
     """Another process is writing the run directory."""
-
-
-FAULT_ENV = "SAM_CLS_FAULT_AT"  # for fault-injection tests only: "<point>[:<n>]" SIGKILLs at the n-th <point>
-_faults_seen: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    """Die here, as a power cut would, when a fault-injection test asks for it (see FAULT_ENV); else nothing."""
-    want = os.environ.get(FAULT_ENV)
-    if not want:
-        return
-    point, _, nth = want.partition(":")
-    if point == name:
-        _faults_seen[name] = _faults_seen.get(name, 0) + 1
-        if _faults_seen[name] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # Options a resumed run may not change: they define what the checkpoint's tensors and optimizer state mean.
@@ -71,58 +72,88 @@ def check_resumable(state: dict, cfg: Config, device_type: str, world_size: int 
                               f"{state['device_type']}")
 
 
-class RunDir:
+class StaleRunError(CheckpointError):
+    """The run committed a generation since this writer loaded it: saving would lose that commit."""
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class RunDir(MetricsFile):
     """Where a run keeps its config, checkpoint, inference memory, index and per-epoch metrics."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, log=None):
         self.path = Path(path)
+        self.log = log or _stderr  # warnings (a fallback, post-commit work left for later); stdout stays clean
         self.config = self.path / "config.yaml"
         self.checkpoint = self.path / "checkpoint.pt"
         self.index = self.path / "index.faiss"
         self.previous = self.path / "checkpoint.prev.pt"  # the generation before the latest
         self.previous_index = self.path / "index.prev.faiss"
         self.metrics = self.path / "metrics.jsonl"
+        self.unfinished = self.path / ".commit-unfinished"  # present from before a commit point to its last step
+        self.base: dict | None = None  # the generation this writer loaded or committed last (see commit)
+        self._lock_fd: int | None = None
+        self._current = False  # whether `base` is known to be the run's latest (checked under the lock)
+        self._fell_back = False  # whether `base` is the previous generation, the latest being unreadable
 
     @contextlib.contextmanager
     def lock(self):
-        """Hold the run's write lock (an OS file lock, gone with the process); a second writer fails at once."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """Hold the run's write lock (runlock.py: on the directory, gone with the process); a second writer fails
+        at once. A RunDir that holds it already holds it once (a command around the API's save())."""
+        if self._lock_fd is not None:
+            yield self
+            return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunLockedError(f"{self.path} is being written by process {holder}: wait for it to finish, or "
-                                 "use another --out") from None
+            fd = runlock.acquire(self.path)
+        except runlock.Locked as e:
+            raise RunLockedError(f"{self.path} is being written by process {e.args[0]}: wait for it to finish, "
+                                 "or use another --out") from None
+        self._lock_fd = fd
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self._clean()
             yield self
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            self._lock_fd, self._current = None, False
+            runlock.release(fd)
 
     def _clean(self) -> None:
-        """Remove what an interrupted writer left: temporary files, and side indices no checkpoint names."""
-        for stale in [*self.path.glob("*.tmp"), *self.path.glob(".*.tmp")]:
-            stale.unlink(missing_ok=True)
+        """Finish or remove what an interrupted writer left: temporary files, side indices no checkpoint names,
+        and a commit's work after its commit point (index rename, config.yaml, metrics), rolled forward."""
+        for stale in self.path.iterdir():
+            if TEMPORARY.search(stale.name):
+                stale.unlink(missing_ok=True)
         sides = list(self.path.glob(".index-*.next"))
-        if not sides:  # the usual case: no crash between a commit's steps, nothing to read
+        if sides:  # a crash between a commit's steps
+            latest, previous = self._named_side(self.checkpoint), self._named_side(self.previous)
+            for side in sides:
+                if side == latest:  # the latest commit's rename never happened: finish it
+                    os.replace(side, self.index)
+                elif side != previous:
+                    side.unlink(missing_ok=True)
+        if self.unfinished.exists():
+            try:
+                state = load_tensors(self.checkpoint)
+            except CheckpointError:  # readers fall back to the previous generation; the next commit replaces it
+                return
+            if self._finish(state):
+                self.unfinished.unlink(missing_ok=True)
+
+    def finish_unfinished(self) -> None:
+        """A reader that finds a commit's work after its commit point undone (its writer was killed there, and
+        no writer may come: the run is complete) does it, where no writer holds the run and the run may be
+        written; otherwise it leaves it to the next writer. Never blocks."""
+        if self._lock_fd is not None or not self.unfinished.exists():
             return
-        latest, previous = self._named_side(self.checkpoint), self._named_side(self.previous)
-        for side in sides:
-            if side == latest:  # the latest commit's rename never happened: finish it
-                os.replace(side, self.index)
-            elif side != previous:
-                side.unlink(missing_ok=True)
+        with contextlib.suppress(CheckpointError, OSError), self.lock():
+            pass
 
     def _named_side(self, checkpoint: Path) -> Path | None:
         """The side index a checkpoint names, or None (no checkpoint, an unreadable one, or no digest)."""
         try:
             want = load_tensors(checkpoint).get("index_digest") if checkpoint.is_file() else None
-        except CheckpointError:
+        except (CheckpointError, OSError):
             return None
         return self.pending_index(want) if isinstance(want, dict) and "payload_crc32" in want else None
 
@@ -130,51 +161,133 @@ class RunDir:
         """Where an index waits, named by its checksum, between its write and the checkpoint that names it."""
         return self.path / f".index-{want['payload_crc32']:08x}.next"
 
-    def commit(self, state: dict, index) -> None:
+    def commit(self, state: dict, index, op: str | None = None) -> dict:
         """Save an index and the checkpoint it belongs to so that a crash at any point leaves a consistent
         pair: the index goes to a side file named by its checksum, the current generation is kept as the
         previous one, the checkpoint (naming the index by that checksum) replaces the old one (the commit
-        point), then the index takes its place and config.yaml follows.
+        point), then the index takes its place and config.yaml and metrics.jsonl follow. Returns the new
+        generation; work after the commit point that fails is a warning, finished by the next holder of the
+        lock (finish_unfinished).
+
+        The writer holds the run's lock (taken here if it does not), and commits only over the generation it
+        loaded or committed last: a run changed by another writer since is a StaleRunError, nothing written.
+        `op` (a digest of the change, e.g. the images added) is stored with the generation, so a retried
+        command can tell it was already applied.
 
         index=None commits a checkpoint that names other files itself (a sharded run's shards, each with its
         own index built at load: shard_files.py); the index of an earlier generation is left as it is."""
-        if index is not None:
-            scratch = self.path / ".index.next.tmp"
-            want = digest(index.save(scratch))
-            pending = self.pending_index(want)
-            os.replace(scratch, pending)
-            state = {**state, "index_digest": want}
-        fault_point("index")
-        if self.checkpoint.is_file():
-            _keep(self.checkpoint, self.previous)
-            if self.index.is_file():
-                _keep(self.index, self.previous_index)
-        atomic_save(state, self.checkpoint)
-        fault_point("checkpoint")
-        if index is not None:
-            os.replace(pending, self.index)
+        with self.lock():
+            self._check_current()
+            gen = next_generation(self.base, op)
+            state = {**state, "generation": gen}
+            pending = None
+            if index is not None:
+                scratch = self.path / ".index.next.tmp"
+                want = digest(index.save(scratch, {"generation": gen}))
+                pending = self.pending_index(want)
+                os.replace(scratch, pending)
+                state["index_digest"] = want
+            fault_point("index")
+            self.unfinished.unlink(missing_ok=True)  # whatever stood there: the marker is a file of its own
+            open_file(self.unfinished, "wb").close()  # before the commit point: a failure leaves the run as it was
+            if self.checkpoint.is_file() and not self._fell_back:  # never keep an unreadable latest as previous
+                _keep(self.checkpoint, self.previous)
+                if self.index.is_file():
+                    _keep(self.index, self.previous_index)
+            state = atomic_save(state, self.checkpoint)  # the commit point
+            self.base, self._current, self._fell_back = summary(state), True, False
+            fault_point("checkpoint")
+            if pending is not None:
+                try:
+                    os.replace(pending, self.index)
+                except OSError as e:  # readers find it by its checksum; the next writer puts it in place
+                    self.log(f"warning: committed {describe(state, str(self.checkpoint))}, but its index is still "
+                             f"{pending.name} ({e.strerror}): the next writer moves it to {self.index.name}")
+            if self._finish(state):
+                self.unfinished.unlink(missing_ok=True)
+            for stale in self.path.glob(".index-*.next"):  # left by a crash before an earlier commit's rename
+                if stale != pending:
+                    stale.unlink(missing_ok=True)
+            return gen
+
+    def _finish(self, state: dict) -> bool:
+        """config.yaml and metrics.jsonl as the committed state says; False (and a warning) where one cannot be
+        written now (a full disk): the next writer retries, and the commit stands either way."""
         fault_point("config")
-        self.save_config(state["config"])
-        for stale in self.path.glob(".index-*.next"):  # left by a crash before an earlier commit's rename
-            stale.unlink(missing_ok=True)
+        done = True
+        for what, write in (("config.yaml", lambda: self.save_config(state["config"])),
+                            ("metrics.jsonl", lambda: self.sync_metrics(state))):
+            try:
+                write()
+            except OSError as e:
+                done = False
+                self.log(f"warning: committed {describe(state, str(self.checkpoint))}, but could not write "
+                         f"{what} ({e.strerror or e}): the next writer of the run writes it")
+        return done
+
+    def _check_current(self) -> None:
+        """Under the lock: refuse to commit over a generation this writer has not seen."""
+        if self._current:
+            return
+        if not self.checkpoint.exists() and not self.checkpoint.is_symlink():
+            latest = None
+        else:
+            try:
+                latest = summary(load_tensors(self.checkpoint))
+            except CheckpointError:
+                if self._fell_back:  # loaded from the previous generation because this one is unreadable
+                    self._current = True
+                    return
+                raise
+        if identity(latest) != identity(self.base):
+            have = describe(self.base, "the generation it loaded") if self.base else "none (a new run)"
+            now = describe(latest, "a newer generation") if latest else "no checkpoint"
+            raise StaleRunError(f"{self.path} was changed by another writer: it holds {now} but this writer has "
+                                f"{have}; load the run again and redo the change (saving now would lose the other "
+                                "writer's commit)")
+        self._current = True
 
     def load_state(self, map_location: str | torch.device = "cpu", log=None) -> dict:
-        """The latest committed checkpoint; where it cannot be read, the previous one, and say so."""
+        """The latest committed checkpoint; where it cannot be read, the previous one of the same run, and say so
+        (naming both generations)."""
+        log = log or self.log
         self.require_checkpoint()
         try:
-            return load_tensors(self.checkpoint, map_location)
+            state = load_tensors(self.checkpoint, map_location)
+            self._fell_back = False
         except CheckpointError as e:
             if not self.previous.is_file():
                 raise
-            state = load_tensors(self.previous, map_location)
-            (log or print)(f"warning: {e}; using the previous checkpoint {self.previous.name} (epoch "
-                           f"{state.get('epoch')}, step {state.get('step')}) instead")
-            return state
+            try:
+                state = load_tensors(self.previous, map_location)
+            except CheckpointError as before:
+                raise CheckpointError(f"{e}; and the previous generation cannot be used either ({before})") from None
+            latest = self._latest_generation()
+            run, other = generation(state).get("run"), latest.get("run")
+            if other and run != other:
+                raise CheckpointError(f"{e}; {describe(state, str(self.previous))} is from another run than the "
+                                      f"latest (run {other}): refusing to fall back to it; restore the run's own "
+                                      "files or train it again") from None
+            was = (f"generation {latest.get('number')} of run {other}" if other else "the latest")
+            log(f"warning: {e}; using the previous checkpoint {describe(state, str(self.previous))} instead of "
+                f"{was}")
+            self._fell_back = True
+        self.base, self._current = summary(state), self._lock_fd is not None
+        return state
+
+    def _latest_generation(self) -> dict:
+        """The newest generation an index beside the run was committed with ({} if none says): what a damaged
+        latest checkpoint was, as its index (in place, or still waiting beside it) records it."""
+        found = [read_header(p).get("generation") for p in (self.index, *self.path.glob(".index-*.next"))]
+        found = [g for g in found if isinstance(g, dict) and isinstance(g.get("number"), int)]
+        return max(found, key=lambda g: g["number"], default={})
 
     def index_file(self, state: dict) -> Path:
         """The index file that belongs to this checkpoint (after a crash between the commit point and the
         rename, the one still waiting beside it); any other is an error that says how to rebuild it."""
         want = state.get("index_digest")
+        if self.index.is_symlink() or (self.index.exists() and not self.index.is_file()):
+            check_regular(self.index)  # a FIFO would block the read forever: say what stands there instead
         if want is None:  # a checkpoint from before indices were named by checksum
             return self.index
         if not isinstance(want, dict) or not isinstance(want.get("payload_crc32"), int):
@@ -183,8 +296,8 @@ class RunDir:
         if digest(header) == want:
             return self.index
         for other in (self.pending_index(want), self.previous_index):
-            # A crash between the commit point and the rename leaves the index beside the run (a reader
-            # writes nothing: the next writer puts it in place); a fallback checkpoint has the previous one.
+            # A crash between the commit point and the rename leaves the index beside the run (reading moves
+            # nothing: the next holder of the lock puts it in place); a fallback checkpoint has the previous one.
             if digest(read_header(other)) == want:
                 return other
         holds = f"holds {header['size']} cells but " if "size" in header else ""
@@ -192,7 +305,7 @@ class RunDir:
                               f"from another run or epoch, or damaged): run `sam-cls rebuild-index --run {self.path}`")
 
     def require_checkpoint(self) -> None:
-        if not self.checkpoint.is_file():
+        if not (self.checkpoint.exists() or self.checkpoint.is_symlink()):
             raise CheckpointError(
                 f"no checkpoint in {self.path} (expected {self.checkpoint.name}): point --run at a directory "
                 f"written by `sam-cls train --out DIR`"
@@ -201,36 +314,20 @@ class RunDir:
     def save_config(self, cfg: Config | dict) -> None:
         """config.yaml, a copy for people of the config a checkpoint holds (written after its commit)."""
         tmp = self.config.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)  # save_config writes by name: no symlink may stand there
         save_config(cfg, tmp)
         os.replace(tmp, self.config)
 
-    def append_metrics(self, record: dict) -> None:
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
 
-    def _lines(self) -> list[tuple[str, dict | None]]:
-        """Each metrics line with its record; None for a line cut short by an interrupted write."""
-        if not self.metrics.is_file():
-            return []
-        out = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            out.append((line, record if isinstance(record, dict) else None))
-        return out
+# Temporary files the writers create: name.tmp (atomic_save, _keep, config, metrics, the lock's holder) and
+# .name.tmp<pid> (write_index_file), removed when the next writer starts.
+TEMPORARY = re.compile(r"\.tmp\d*$")
 
-    def load_metrics(self) -> list[dict]:
-        """The per-epoch records, oldest first."""
-        return [record for _, record in self._lines() if record is not None]
 
-    def truncate_metrics(self, steps_done: int) -> None:
-        """Drop metrics of epochs whose checkpoint never landed, so a resumed run does not repeat lines."""
-        if not self.metrics.is_file():
-            return
-        kept = [line for line, record in self._lines() if record is not None and record.get("step", steps_done + 1) <= steps_done]
-        self.metrics.write_text("".join(ln + "\n" for ln in kept))
+def summary(state: dict) -> dict:
+    """What a writer keeps of the generation it loaded: enough to name it and to tell it from any other."""
+    return {key: state[key] for key in ("generation", CHECKSUM_KEY, LEGACY_CHECKSUM_KEY, "epoch", "step")
+            if key in state}
 
 
 def _keep(path: Path, as_path: Path) -> None:
@@ -244,34 +341,15 @@ def _keep(path: Path, as_path: Path) -> None:
     os.replace(tmp, as_path)
 
 
-CHECKSUM_KEY = "tensors_crc32"  # a checkpoint's own checksum of its tensors' bytes
-
-
-def tensors_crc32(obj, crc: int = 0) -> int:
-    """CRC-32 of every tensor's bytes in a nested state, in a fixed order: torch.load does not check its data."""
-    if isinstance(obj, torch.Tensor):
-        flat = obj.detach().cpu().contiguous().reshape(-1)
-        return zlib.crc32(flat.view(torch.uint8).numpy() if flat.numel() else b"", crc)
-    if isinstance(obj, dict):
-        for key in sorted(obj, key=str):
-            if key != CHECKSUM_KEY:
-                crc = tensors_crc32(obj[key], zlib.crc32(str(key).encode(), crc))
-    elif isinstance(obj, list | tuple):
-        for item in obj:
-            crc = tensors_crc32(item, crc)
-    return crc
-
-
-def atomic_save(obj: dict, path: Path) -> None:
-    """Write, flush to disk, then rename, so an interrupted or failed save leaves the previous file whole.
-
-    The file carries a checksum of its tensors, so a flipped byte inside one is found when it is loaded.
-    """
-    obj = {**obj, CHECKSUM_KEY: tensors_crc32(obj)}
+def atomic_save(obj: dict, path: Path) -> dict:
+    """Write, flush to disk, then rename, so an interrupted or failed save leaves the previous file whole;
+    returns the state as saved, with the checksum over all of it that load_tensors checks."""
+    obj = seal(obj)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        tmp.unlink(missing_ok=True)  # torch.save writes through a name: no symlink may stand there
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
+        with open_file(tmp) as f:
             os.fsync(f.fileno())  # the rename must not reach the disk before the data it names
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
@@ -283,19 +361,28 @@ def atomic_save(obj: dict, path: Path) -> None:
         raise OSError(code, f"{os.strerror(code)} ({free >> 20} MiB free; torch: {str(e).splitlines()[0].strip()})",
                       str(path)) from None
     os.replace(tmp, path)
+    return obj
 
 
 def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, never pickled code."""
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}: rebuild it with `sam-cls rebuild-index --run {path.parent}`")
+    """torch.load with weights_only=True (tensors and plain containers only, never pickled code), of a regular
+    file only, checked against the checksum it carries. A file that cannot be opened for a reason other than
+    damage (a permission) raises that OSError, not a CheckpointError."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the file is corrupt or not a sam-cls file; "
-                              f"re-run training or `sam-cls rebuild-index --run {path.parent}`") from e
+        f = open_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"missing {path}: restore it, or train the run again with `sam-cls train`") from None
+    except NotRegularFileError as e:
+        raise CheckpointError(f"{path} {e.strerror}") from None
+    with f:
+        try:
+            state = torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the file is corrupt or not a sam-cls "
+                                  "file; restore it, or train the run again") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a sam-cls checkpoint (a {type(state).__name__}, not a dict)")
-    if CHECKSUM_KEY in state and state[CHECKSUM_KEY] != tensors_crc32(state):
-        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
+    damage = verify(state)
+    if damage:
+        raise CheckpointError(f"{path}: {damage}, the file is corrupt")
     return state

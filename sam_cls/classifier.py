@@ -15,6 +15,7 @@ from: its source (a data set's split, a folder, or images given from Python) and
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from sam_cls.copies import cell_images
 from sam_cls.evaluate import CellFacts, classify, encode_all
 from sam_cls.images import ImageLike, image_files, to_batch
 from sam_cls.index import MemoryIndex, build_index, load_index
+from sam_cls.integrity import describe, generation
 from sam_cls.memory import MemoryBank
 from sam_cls.model import build_encoder
 from sam_cls.read import ReadRule
@@ -41,6 +43,7 @@ class MemoryClassifier:
     def __init__(self, run: RunDir, cfg: Config, state: dict, device: torch.device, index: MemoryIndex | None):
         self.run, self.cfg, self.state, self.device, self.index = run, cfg, state, device, index
         self._facts: CellFacts | None = None  # cached by cell_facts(); add and forget clear it
+        self.changes: list[str] = []  # a digest of each add and forget since the load, stored with the commit
         data = state["data"]
         self.classes: list[str] = list(data["classes"])
         self.image_shape: tuple[int, int, int] = tuple(data["image_shape"])
@@ -212,6 +215,7 @@ class MemoryClassifier:
                                                                   dtype=torch.int32)])
         self.cell_item = torch.cat([self.cell_item, torch.arange(len(x))])
         self.index.add(self.memory.embeddings[start:])  # ids continue from the old size: the new rows
+        self.changes.append(_digest("add", x.numpy().tobytes(), [self.classes[i] for i in ids]))
         self._memory_changed(before)
         return len(x)
 
@@ -253,6 +257,7 @@ class MemoryClassifier:
         self.cell_source, self.cell_item = self.cell_source[keep], self.cell_item[keep]
         # Rows after a removed one move up; the index re-adds the rest (keeping what it trained).
         self.index.refresh(self.memory.embeddings)
+        self.changes.append(_digest("forget", class_name, source, None if cells is None else list(cells)))
         self._memory_changed(before)
         return int(drop.sum())
 
@@ -272,13 +277,23 @@ class MemoryClassifier:
             self.state["read"] = tune_memory(self.memory, self.index, as_trained, len(self.classes),
                                              self.cell_facts(), None, self.cfg.seed)
 
-    def save(self) -> None:
-        """Commit memory, classes, sources and index into the run directory together (atomic)."""
+    def save(self, once: bool = False) -> bool:
+        """Commit memory, classes, sources and index into the run directory together (atomic), under the run's
+        lock and only over the generation this classifier loaded (else StaleRunError: nothing is lost).
+
+        once=True commits nothing when these changes are exactly those that made the loaded generation (a
+        command retried after it had committed); returns whether it committed."""
+        op = _digest("changes", *self.changes) if self.changes else None
+        if once and op is not None and op == generation(self.state).get("op"):
+            self.run.log(f"warning: {describe(self.state, str(self.run.path))} was made by this very change (a "
+                         "retried command): nothing new was committed")
+            return False
         state = {**self.state, "memory": {k: v.cpu() for k, v in self.memory.state_dict().items()},
                  "data": {**self.state["data"], "classes": list(self.classes)},
                  "cells": {"source": self.cell_source, "item": self.cell_item}, "sources": self.sources}
-        self.run.commit(state, self.index)
-        self.state = state
+        self.state = {**state, "generation": self.run.commit(state, self.index, op)}
+        self.changes = []
+        return True
 
     def _class_id(self, label: str | int) -> int:
         if isinstance(label, int):
@@ -290,19 +305,31 @@ class MemoryClassifier:
         return self.classes.index(label)
 
 
+def _digest(*parts) -> str:
+    """What identifies a change to the memory: its kind and content (the pixels and labels an add wrote)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
 def training_source(cfg: Config) -> dict:
     """The source of a trained memory's cells: the training split (less a validation share) of its data set."""
     return {"kind": "dataset", "name": f"{cfg.dataset} train", "validation": cfg.validation,
             "copies": cfg.copies, "seed": cfg.seed}
 
 
-def load(path: str | Path, device: str = "auto", log=None, index: bool = True) -> MemoryClassifier:
+def load(path: str | Path | RunDir, device: str = "auto", log=None, index: bool = True) -> MemoryClassifier:
     """A trained run directory as a classifier (weights-only loading: no code in the files runs).
+
+    A RunDir whose lock the caller holds (a command's add or forget) is used as it is, so save() commits under it.
 
     index=False leaves the saved index unread (None), for a caller about to build a new one (rebuild-index:
     it must work when the saved index is missing, damaged or another run's).
     """
-    run = RunDir(path)
+    run = path if isinstance(path, RunDir) else RunDir(path, log)
+    run.finish_unfinished()  # a kill after the last commit point leaves config.yaml and metrics.jsonl behind
     state = run.load_state(log=log)
     sharded = is_sharded(state)
     state = gather_shards(run, state)  # a distributed run's shards, as one memory (a no-op for others)

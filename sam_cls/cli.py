@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import re
 import sys
 
 import click
@@ -14,6 +15,12 @@ from sam_cls.config import DEVICES, FIELDS, bounds_text, flag, kind, make_config
 def log(message: str) -> None:
     """Progress and logs go to stderr, so stdout stays one clean result (a JSON line with --json)."""
     click.echo(message, err=True)
+
+
+def shown(text) -> str:
+    """A name as one line of output shows it: a newline or other control character in a class name or a path
+    would break the line format (and could forge a line), so it is escaped as Python writes it."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], str(text))
 
 
 def report(result: dict, as_json: bool) -> None:
@@ -182,7 +189,22 @@ def run_options(fn):
     return click.option("--run", "run_dir", required=True, help="Run directory written by `sam-cls train`.")(fn)
 
 
-def load(run_dir: str, device: str, index: bool = True):
+def _max_pixels(ctx, param, value) -> None:
+    """--max-image-pixels for the command's duration (PIL's limit is global to the process)."""
+    from sam_cls.images import max_pixels
+
+    if value is not None:
+        before = max_pixels(value)
+        ctx.call_on_close(lambda: max_pixels(before))
+
+
+# For the commands that decode image files: a small file can declare a huge image (a decompression bomb).
+max_pixels_option = click.option("--max-image-pixels", type=click.IntRange(min=1), expose_value=False,
+                                 callback=_max_pixels, help="Refuse images larger than this many pixels  "
+                                 "[default: PIL's Image.MAX_IMAGE_PIXELS, 89478485]")
+
+
+def load(run_dir: str | RunDir, device: str, index: bool = True):
     from sam_cls.classifier import load as load_classifier
 
     return load_classifier(run_dir, device, log, index)
@@ -194,6 +216,7 @@ def load(run_dir: str, device: str, index: bool = True):
 @click.option("--topk", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
 @read_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+@max_pixels_option
 @friendly_errors
 def predict(run_dir, device, paths, topk, balanced, alpha, class_k, per_source, as_json) -> None:
     """Classify image files (or every image in the folders given), any size or format."""
@@ -209,7 +232,7 @@ def predict(run_dir, device, paths, topk, balanced, alpha, class_k, per_source, 
         if as_json:
             click.echo(json.dumps({"path": str(path), "top": top}))
         else:
-            click.echo(f"{path}  " + "  ".join(f"{t['class']} {t['probability']:.3f}" for t in top))
+            click.echo(f"{shown(path)}  " + "  ".join(f"{shown(t['class'])} {t['probability']:.3f}" for t in top))
 
 
 @main.command()
@@ -220,6 +243,7 @@ def predict(run_dir, device, paths, topk, balanced, alpha, class_k, per_source, 
 @click.option("--out", type=click.Path(dir_okay=False), help="Write a PNG of the query beside its neighbours.")
 @read_options
 @click.option("--json", "as_json", is_flag=True)
+@max_pixels_option
 @friendly_errors
 def explain(run_dir, device, image, neighbours, out, balanced, alpha, class_k, per_source, as_json) -> None:
     """The stored examples a prediction rests on: label, similarity, softmax weight and source of each."""
@@ -234,10 +258,10 @@ def explain(run_dir, device, image, neighbours, out, balanced, alpha, class_k, p
     if as_json:
         click.echo(json.dumps({"path": image, "predicted": predicted, "neighbours": rows}))
         return
-    click.echo(f"{image}: {predicted}")
+    click.echo(f"{shown(image)}: {shown(predicted)}")
     for row in rows:
-        click.echo(f"  cell {row['cell']:>7}  {row['label']:<12} similarity {row['similarity']:.3f}  "
-                   f"weight {row['weight']:.3f}  {row['source']}")
+        click.echo(f"  cell {row['cell']:>7}  {shown(row['label']):<12} similarity {row['similarity']:.3f}  "
+                   f"weight {row['weight']:.3f}  {shown(row['source'])}")
 
 
 @main.command()
@@ -245,15 +269,17 @@ def explain(run_dir, device, image, neighbours, out, balanced, alpha, class_k, p
 @click.option("--data", "folder", required=True, type=click.Path(exists=True, file_okay=False),
               help="Image folder laid out as DIR/<class>/*: new or existing class names.")
 @click.option("--json", "as_json", is_flag=True)
+@max_pixels_option
 @friendly_errors
 def add(run_dir, device, folder, as_json) -> None:
     """Write labelled images into a run's memory and index with its trained encoder (no training)."""
-    with RunDir(run_dir).lock():
-        clf = load(run_dir, device)
-        before = list(clf.classes)
+    with RunDir(run_dir, log).lock() as run:
+        clf = load(run, device)
+        before, cells = list(clf.classes), clf.memory.size
         added = clf.add_folder(folder)
-        clf.save()
-    report({"added": added, "cells": clf.memory.size, "new_classes": clf.classes[len(before):],
+        if not clf.save(once=True):  # a retry of an add that committed: it adds nothing twice
+            added, clf.classes = 0, before
+    report({"added": added, "cells": cells + added, "new_classes": clf.classes[len(before):],
             "classes": clf.classes}, as_json)
 
 
@@ -272,11 +298,13 @@ def forget(run_dir, device, class_name, source, cells, as_json) -> None:
         numbers = [int(c) for c in cells.split(",")] if cells else None
     except ValueError:
         raise ConfigError(f"--cells takes cell numbers separated by commas, got {cells!r}") from None
-    with RunDir(run_dir).lock():
-        clf = load(run_dir, device)
+    with RunDir(run_dir, log).lock() as run:
+        clf = load(run, device)
+        cells = clf.memory.size
         forgotten = clf.forget(class_name, source, numbers)
-        clf.save()
-    report({"forgotten": forgotten, "cells": clf.memory.size}, as_json)
+        if not clf.save(once=True):  # a retry of a forget that committed: it removes nothing more
+            forgotten = 0
+    report({"forgotten": forgotten, "cells": cells - forgotten}, as_json)
 
 
 @main.command()
@@ -294,8 +322,8 @@ def evaluate(run_dir, device, topk, data_dir, plot, balanced, alpha, class_k, pe
     from sam_cls.run import evaluate_run, run_data, tune_run
 
     if tune:
-        with RunDir(run_dir).lock():
-            clf = load(run_dir, device)
+        with RunDir(run_dir, log).lock() as run:
+            clf = load(run, device)
             data = run_data(clf, data_dir, log)
             tuned = tune_run(clf, data, log)
             clf.save()
@@ -321,8 +349,8 @@ def rebuild_index(run_dir, device, copies, data_dir, as_json, **options) -> None
     from sam_cls.run import expand_memory, rebuild_run_index, run_data
     from sam_cls.setup import index_params
 
-    with RunDir(run_dir).lock():
-        clf = load(run_dir, device, index=False)  # the saved index may be the reason for the rebuild
+    with RunDir(run_dir, log).lock() as run:
+        clf = load(run, device, index=False)  # the saved index may be the reason for the rebuild
         if copies is not None:
             expand_memory(clf, run_data(clf, data_dir, log), copies, log)
         clf.cfg = make_config(None, **{**clf.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torchvision import datasets as tvd
 
+from sam_cls.files import read_bytes
+
 # The names --dataset accepts (the config's choices come from here); mnist-mini needs no files and no network.
 DATASETS = ("mnist-mini", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 
@@ -171,19 +173,53 @@ class _RefusedGlobal(pickle.UnpicklingError):
     """A pickle names a global outside _PICKLE_GLOBALS: the message is its dotted name."""
 
 
+class _Oversized(pickle.UnpicklingError):
+    """A pickle declares an array larger than the file that holds it."""
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles plain values and numpy arrays only; any other global (os.system, builtins.exec, ...) is refused."""
+    """Unpickles plain values and numpy arrays only; any other global (os.system, builtins.exec, ...) is refused.
+
+    An array's data comes from the file, so the arrays of one file hold at most its size in bytes: numpy.ndarray
+    called with a shape (which allocates without reading anything) and _reconstruct are charged against that
+    budget before they allocate, so a small crafted file cannot declare a million images of uninitialised memory.
+    """
+
+    def __init__(self, file, budget: int, **kwargs):
+        super().__init__(file, **kwargs)
+        self.budget = budget
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in _PICKLE_GLOBALS:
             raise _RefusedGlobal(f"{module}.{name}")
+        if (module, name) == ("numpy", "ndarray"):
+            return self._ndarray
         if module.startswith(("numpy.core.", "numpy._core.")):  # numpy 1 wrote numpy.core, numpy 2 numpy._core
             for core in ("numpy._core", "numpy.core"):  # import the one this numpy has, without a deprecation
                 try:
-                    return getattr(importlib.import_module(f"{core}.{module.rsplit('.', 1)[1]}"), name)
+                    found = getattr(importlib.import_module(f"{core}.{module.rsplit('.', 1)[1]}"), name)
                 except (ImportError, AttributeError):
                     continue
+                return self._reconstruct(found) if name == "_reconstruct" else found
         return super().find_class(module, name)
+
+    def _charge(self, shape, dtype) -> None:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = prod(int(n) for n in shape) * np.dtype(dtype).itemsize
+        if nbytes < 0 or nbytes > self.budget:
+            raise _Oversized(f"an array of shape {shape} ({nbytes} bytes), more than the file's data can fill")
+        self.budget -= nbytes
+
+    def _ndarray(self, shape, dtype=float, *args, **kwargs) -> np.ndarray:
+        self._charge(shape, dtype)
+        return np.ndarray(shape, dtype, *args, **kwargs)
+
+    def _reconstruct(self, reconstruct):
+        def guarded(subtype, shape, dtype):
+            self._charge(shape, dtype)
+            return reconstruct(np.ndarray if subtype == self._ndarray else subtype, shape, dtype)
+
+        return guarded
 
 
 def _is_official(rel: str, blob: bytes) -> bool:
@@ -201,9 +237,15 @@ def _unpickle_cifar(name: str, root: Path, rel: str) -> dict:
     """One CIFAR file as a dict with str keys; the full unpickler only for the official file's exact bytes."""
     path = root / rel
     try:
-        blob = path.read_bytes()  # read once: the bytes checked are the bytes unpickled
-        unpickler = pickle.Unpickler if _is_official(rel, blob) else _ArrayUnpickler
-        obj = unpickler(io.BytesIO(blob), encoding="latin1").load()  # latin1: Python 2's str, as torchvision
+        blob = read_bytes(path, follow=True)  # once (the bytes checked are the bytes unpickled); no FIFO
+        if _is_official(rel, blob):
+            unpickler = pickle.Unpickler(io.BytesIO(blob), encoding="latin1")  # latin1: Python 2's str
+        else:
+            unpickler = _ArrayUnpickler(io.BytesIO(blob), len(blob), encoding="latin1")
+        obj = unpickler.load()
+    except _Oversized as e:
+        raise DatasetError(f"{name}: refusing {path}: it declares {e}, {len(blob)} bytes; pass --data-dir DIR "
+                           "pointing at intact files") from None
     except _RefusedGlobal as e:
         raise DatasetError(f"{name}: refusing to unpickle {path}: it is not the official file and names {e}, "
                            "which a CIFAR file never holds (unpickling it could run code); pass --data-dir DIR "

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -35,11 +38,31 @@ def init(device_type: str) -> Comm:
     if not launched():
         raise ConfigError(f"distributed training runs under torchrun, which sets {', '.join(ENV)}: "
                           f"torchrun --nproc_per_node P -m sam_cls train ...")
+    _exit_with_agent()
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU a rank, before any tensor is made
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
     return Comm(torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu"))
+
+
+_watching: list[int] = []  # the agent this process watches (once per process)
+
+
+def _exit_with_agent() -> None:
+    """End this rank when its torchrun agent (its parent) dies: left alone it would train on for nobody, rank 0
+    holding the run's lock. A watch on the parent's pid, as PR_SET_PDEATHSIG fires on the death of the parent's
+    thread that started the rank, not of the agent. SIGKILL, as a power cut: every commit survives one."""
+    if _watching:
+        return
+    _watching.append(os.getppid())
+
+    def watch() -> None:
+        while os.getppid() == _watching[0]:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="agent-watch", daemon=True).start()
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:

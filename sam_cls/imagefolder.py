@@ -17,6 +17,7 @@ from torchvision import datasets as tvd
 from tqdm import tqdm
 
 from sam_cls.data import Dataset, DatasetError, _make, _one_line
+from sam_cls.files import open_file
 
 # Bump when the cached tensors' layout or decoding changes, so old caches are ignored. 2: the channel count
 # follows all images (1 took the first image's, so a grey first image made a whole RGB folder grey).
@@ -61,7 +62,7 @@ _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyErro
 def _read_image(path: str) -> np.ndarray:
     """Decode one file with PIL (which ImageFolder itself uses) to (H, W, 1) uint8 if its mode is grey, else to
     (H, W, 3) RGB."""
-    with Image.open(path) as im:
+    with open_file(path, follow=True) as f, Image.open(f) as im:  # a FIFO named *.png would block the read
         im.load()  # decode every pixel now, so a truncated file raises here
         mode = "L" if im.mode in _GREY_MODES else "RGB"
         if im.mode != mode:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from sam_cls.checkpoint import CHECKSUM_KEY, CheckpointError, RunDir, atomic_save, load_tensors, tensors_crc32
+from sam_cls.checkpoint import CheckpointError, RunDir, atomic_save, load_tensors
+from sam_cls.integrity import checksum
 from sam_cls.memory import MemoryBank
 
 
@@ -25,8 +26,7 @@ def shard_name(step: int, rank: int, world: int) -> str:
 def write_shard(run: RunDir, state: dict, step: int, rank: int, world: int) -> dict:
     """Write one rank's shard of the generation at `step`; returns what the checkpoint records of it."""
     name = shard_name(step, rank, world)
-    atomic_save(state, run.path / name)
-    return {"file": name, "crc32": tensors_crc32(state)}
+    return {"file": name, "crc32": checksum(atomic_save(state, run.path / name))}
 
 
 def load_shard(run: RunDir, state: dict, rank: int, map_location: str | torch.device = "cpu") -> dict:
@@ -35,7 +35,7 @@ def load_shard(run: RunDir, state: dict, rank: int, map_location: str | torch.de
     name = record["files"][rank]
     path = run.path / Path(name).name  # a name, never a path: the checkpoint cannot point outside the run
     shard = load_tensors(path, map_location)
-    if shard.get(CHECKSUM_KEY) != record["crc32"][rank] or shard.get("rank") != rank:
+    if checksum(shard) != record["crc32"][rank] or shard.get("rank") != rank:
         raise CheckpointError(f"{path} is not the shard {run.checkpoint.name} committed (a file of another "
                               f"generation, or damaged): the run cannot be read; train it again")
     return shard

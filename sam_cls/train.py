@@ -59,6 +59,7 @@ class Trainer:
         self.resume_centroids: torch.Tensor | None = None  # a checkpoint's IVF centroids, for prepare()
         self.committed = False  # whether a checkpoint of this run exists (for the divergence message)
         self.read: dict | None = None  # the read rule tuned at the end of training (tune_read)
+        self.history: list[dict] = []  # each committed epoch's metrics record: metrics.jsonl mirrors them
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up then linear decay to zero over the run's progress: by steps, or by seconds where
@@ -85,7 +86,7 @@ class Trainer:
             # What using the run needs without its data set: class names and the input shape.
             "data": {"name": self.cfg.dataset, "classes": list(self.data.classes),
                      "image_shape": list(self.data.image_shape), "train_images": len(self.train_y)},
-            "step": self.step, "epoch": self.epoch, "train_seconds": self.train_seconds,
+            "step": self.step, "epoch": self.epoch, "train_seconds": self.train_seconds, "history": list(self.history),
             "device_type": self.device.type,
             "rng": {"torch": torch.get_rng_state(), "perm": self.perm_gen.get_state(), "pass": self.pass_rng,
                     "aug": self.aug_gen.get_state()},
@@ -115,6 +116,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
+        self.history = list(state.get("history", []))  # absent before checkpoints kept them (see _fit)
         self.committed = True
         self.train_seconds = state.get("train_seconds", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
@@ -276,9 +278,9 @@ class Trainer:
                       "test_acc": round(test_acc, 3), "images_per_s": round(epoch["images_per_s"], 1),
                       "seconds": round(time.perf_counter() - epoch_start, 2),
                       "index_rebuilds": self.refresher.rebuilds - rebuilds_before, **tuned}
-            run.append_metrics(record)
+            self.history.append(record)
             fault_point("metrics")
-            self.save(run)
+            self.save(run)  # metrics.jsonl gets the record with the commit, never before it
             self.committed = True
             self.log(f"epoch {record['epoch']:g}/{cfg.epochs}  loss {epoch['train_loss']:.4f}  train acc "
                      f"{epoch['train_acc']:.2f}%  test acc {test_acc:.2f}%  {epoch['images_per_s']:.0f} img/s  "
@@ -323,6 +325,7 @@ def resume(out: str, log=print, **overrides) -> dict:
 
 
 def _fit(run: RunDir, config_for, resume: bool, log) -> dict:
+    run.log = log
     with run.lock():  # one writer: a second train, resume, add, forget or rebuild-index fails at once
         if not resume and run.checkpoint.exists():
             raise ConfigError(f"{run.path} already holds a run: pass --resume to continue it, or a new --out")
@@ -340,4 +343,6 @@ def _fit(run: RunDir, config_for, resume: bool, log) -> dict:
             log(f"resuming {run.path} at epoch {trainer.epoch}, step {trainer.step}")
         # Lines of epochs whose checkpoint never landed would otherwise repeat or outlive the run.
         run.truncate_metrics(trainer.step)
+        if state is not None and "history" not in state:  # a checkpoint from before it kept its records
+            trainer.history = run.load_metrics()
         return trainer.fit(run)

@@ -191,13 +191,6 @@ class DistributedTrainer(Trainer):
         return self.comm.all_reduce("losses", torch.stack(self.step_losses).double()).tolist()
 
 
-class _Follower(RunDir):
-    """The run directory as a rank other than 0 sees it: it writes its shard, never the shared files."""
-
-    def append_metrics(self, record: dict) -> None:
-        pass
-
-
 def _quiet(_line: str) -> None:
     pass
 
@@ -223,6 +216,7 @@ def _fit(run: RunDir, config_for, resume: bool, log) -> dict | None:
     comm = init(resolve_device(cfg.device).type)
     lead = comm.rank == 0
     log = log if lead else _quiet
+    run.log = log
     with contextlib.ExitStack() as stack:
         error = None
         if lead:  # one writer of the run: rank 0 holds its lock for the job
@@ -248,8 +242,10 @@ def _fit(run: RunDir, config_for, resume: bool, log) -> dict | None:
             log(f"resuming {run.path} at epoch {trainer.epoch}, step {trainer.step} on {comm.world} ranks")
         if lead:
             run.truncate_metrics(trainer.step)
+            if state is not None and "history" not in state:  # a checkpoint from before it kept its records
+                trainer.history = run.load_metrics()
         try:
-            result = trainer.fit(run if lead else _Follower(run.path))
+            result = trainer.fit(run)  # each rank writes its shard; rank 0 alone commits
         except dist.DistBackendError as e:  # a peer died or hung: its rank's torchrun log says why
             kept = f"the checkpoint of epoch {trainer.epoch} is intact" if trainer.committed else "no checkpoint was written"
             raise TrainingError(f"a rank of the job was lost ({str(e).splitlines()[0]}); {kept}: resume with the "

@@ -100,9 +100,10 @@ def test_a_crash_between_commit_and_rename_is_finished_by_the_next_writer(tmp_pa
     monkeypatch.setattr(checkpoint.os, "replace",
                         lambda a, b: (_ for _ in ()).throw(OSError(5, "I/O error")) if str(a).endswith(".next")
                         else real(a, b))
-    with pytest.raises(OSError):
-        resume(str(run.path), log=quiet, epochs=2)
+    said = []
+    resume(str(run.path), log=said.append, epochs=2)  # after the commit point: a warning, not a failure
     monkeypatch.undo()
+    assert any(line.startswith("warning: committed") and "I/O error" in line for line in said), said
     assert load_tensors(run.checkpoint)["epoch"] == 2  # committed, its index still beside the run
     reader = sam_cls.load(run.path, device="cpu")
     assert reader.index.size == 300 and list(run.path.glob(".index-*.next"))

@@ -168,8 +168,11 @@ def test_a_failed_save_leaves_the_run_as_it_was(run_copy, tmp_path, monkeypatch,
         real = os.replace
         monkeypatch.setattr(checkpoint.os, "replace",
                             lambda a, b: boom() if str(a).endswith(".next") else real(a, b))
-    with pytest.raises(OSError):
+    if where == "rename":  # after the commit point: a warning, and the save stands
         clf.save()
+    else:
+        with pytest.raises(OSError):
+            clf.save()
     monkeypatch.undo()
     after = sam_cls.load(run_copy, device="cpu")
     if where == "rename":  # committed: the new memory with its own index

@@ -13,7 +13,7 @@ from .base import METRIC, MemoryIndex, check_vectors
 from .factory import FAISS_KINDS
 from .faiss_index import FaissIndex, faiss_from_bytes
 from .params import IVF_KINDS, WARM_KMEANS_ITERATIONS, IndexParams
-from .store import REBUILD_HINT, IndexMismatchError, check_header, read_index_file
+from .store import REBUILD_HINT, IndexMismatchError, check_header, memory_bound, read_index_file
 from .torch_exact import TorchExactIndex
 
 # Up to here exact search is cheap on a CPU and needs no training. Beyond, IVF wins: at 6e4 cells a flat
@@ -126,7 +126,13 @@ def load_index(
         raise IndexMismatchError(f"{path}: unknown index kind {kind!r}; {REBUILD_HINT} to rebuild it")
     require_faiss()
     try:
-        index = faiss_from_bytes(payload, kind, params, header.get("factory", kind))
+        with memory_bound(len(payload)):  # a length faiss reads is allocated before it is checked
+            index = faiss_from_bytes(payload, kind, params, header.get("factory", kind))
+    except MemoryError:
+        raise IndexMismatchError(
+            f"{path}: the index declares more memory than its {len(payload)} bytes can hold (a crafted or damaged "
+            f"file); {REBUILD_HINT} to rebuild it"
+        ) from None
     except RuntimeError as e:  # faiss raises RuntimeError on a payload it cannot parse
         raise IndexMismatchError(
             f"{path}: faiss cannot read the index ({str(e).splitlines()[0]}); {REBUILD_HINT} to rebuild it"

@@ -83,10 +83,11 @@ class MemoryIndex(ABC):
         order); None for kinds with no depth to choose (calibrate.py)."""
         return None
 
-    def save(self, path: str | Path) -> dict:
-        """Write the index with kind/metric/dim/size metadata so a later load can verify it; returns that."""
+    def save(self, path: str | Path, extra: dict | None = None) -> dict:
+        """Write the index with kind/metric/dim/size metadata so a later load can verify it (and any extra
+        fields: the run's generation it was committed with); returns that."""
         backend, payload = self._payload()
-        return write_index_file(path, {**self.header(), "backend": backend}, payload)
+        return write_index_file(path, {**self.header(), "backend": backend, **(extra or {})}, payload)
 
     def header(self) -> dict:
         """The metadata saved with the index and checked by load_index."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import struct
 import zlib
 from pathlib import Path
+
+from sam_cls.files import NotRegularFileError, open_file
 
 MAGIC = b"SAMCLSIX"  # first 8 bytes of every index file
 FORMAT_VERSION = 1
@@ -32,7 +36,8 @@ def write_index_file(path: str | Path, header: dict, payload) -> dict:
     head = json.dumps(header, sort_keys=True).encode()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # written by name: no symlink may stand there
+        with open_file(tmp, "wb") as f:
             f.write(MAGIC + struct.pack("<Q", len(head)) + head)
             f.write(view)
             f.flush()
@@ -53,7 +58,7 @@ def digest(header: dict) -> dict:
 def read_header(path: str | Path) -> dict:
     """An index file's header, read without its payload; {} where there is no readable header."""
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             if f.read(len(MAGIC)) != MAGIC:
                 return {}
             (head_len,) = struct.unpack("<Q", f.read(8))
@@ -71,7 +76,7 @@ def read_index_file(path: str | Path) -> tuple[dict, bytearray]:
         return IndexMismatchError(f"{path}: cannot read index file ({why}); {REBUILD_HINT} to rebuild it")
 
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             if f.read(len(MAGIC)) != MAGIC:
                 raise fail("not a sam-cls index file")
             raw_len = f.read(8)
@@ -92,6 +97,10 @@ def read_index_file(path: str | Path) -> tuple[dict, bytearray]:
             got = f.readinto(payload)
     except FileNotFoundError:
         raise fail("file not found") from None
+    except NotRegularFileError as e:  # a FIFO would block the read forever; a symlink is never followed
+        raise IndexMismatchError(f"{path} {e.strerror}") from None
+    except PermissionError:  # not damage: the fix is a permission, not a rebuild
+        raise
     except OSError as e:
         raise fail(f"{type(e).__name__}: {e}") from e
     if got != len(payload):
@@ -109,3 +118,26 @@ def check_header(path: str | Path, header: dict, expect: dict) -> None:
             raise IndexMismatchError(
                 f"{path}: index {key} is {got!r} but {want!r} was expected; {REBUILD_HINT} to rebuild it"
             )
+
+
+@contextlib.contextmanager
+def memory_bound(payload_bytes: int):
+    """Cap the process's address space while a payload is parsed: a serialized index holds its vectors, so
+    parsing it needs about its own size, and a vector length crafted far beyond the file (faiss allocates a
+    declared length before it reads) fails as a MemoryError instead of claiming the machine's memory."""
+    try:
+        with open("/proc/self/status") as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):  # no /proc: no cap
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = used + max(1 << 30, 4 * payload_bytes)  # room for the index itself, malloc's arenas and a margin
+    if soft != resource.RLIM_INFINITY and soft <= cap:
+        yield  # already as strict
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
