@@ -152,7 +152,7 @@ def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, b
             scenarios.append((torch.tensor([c], device=truth.device),
                               thinned_pool(u, memory, facts, raw, own, c, keep, num_classes)))
 
-    def thinned(rule: ReadRule) -> float:
+    def small_score(rule: ReadRule) -> float:
         means = []
         for classes, scenario in scenarios:
             log_probs = scenario.log_probs(rule)
@@ -173,14 +173,14 @@ def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, b
         acc = stage1.get(rule, None) if not rule.alpha else None
         acc = plain(rule) if acc is None else acc
         if acc >= baseline:
-            scored.append((thinned(rule), acc, rule))
-    # The best thinned score; ties go to the higher plain accuracy, then to the earlier (simpler) rule.
-    chosen_thinned, chosen_acc, chosen = max(scored, key=lambda t: (t[0], t[1], -scored.index(t)))
+            scored.append((small_score(rule), acc, rule))
+    # The best small-class score; ties go to the higher plain accuracy, then to the earlier (simpler) rule.
+    chosen_small, chosen_acc, chosen = max(scored, key=lambda t: (t[0], t[1], -scored.index(t)))
     report = {"queries": len(u), "leave_one_out": own is not None, "rules_tried": len(grid) + len(finalists),
               "as_trained": {"rule": base.as_dict(), "accuracy": round(baseline, 3),
-                             "thinned": round(thinned(base), 3)},
+                             "small_classes_score": round(small_score(base), 3)},
               "tuned": {"rule": chosen.as_dict(), "accuracy": round(chosen_acc, 3),
-                        "thinned": round(chosen_thinned, 3)},
+                        "small_classes_score": round(chosen_small, 3)},
               "small_classes": small.tolist(), "thin_cells": THIN_CELLS, "thinned_classes": thin}
     return chosen, report
 
