@@ -129,6 +129,11 @@ def refit_head(x: torch.Tensor, y: torch.Tensor, classes: int) -> torch.nn.Linea
     return layer
 
 
+def full_dataset(name: str, data_dir: str) -> tuple[str, str]:
+    """(--dataset, --data-dir) of all of a data set's train split."""
+    return ("mnist", data_dir) if name == "mnist" else ("imagefolder", str(Path(data_dir) / "cifar10-jpeg"))
+
+
 def as_trained(clf) -> ReadRule:
     return ReadRule(clf.cfg.topk, clf.cfg.temperature)
 
@@ -149,7 +154,7 @@ def grown(name: str, data, data_dir: str, work: Path, quick: bool) -> list[dict]
     epochs = 1 if quick else SMALL_EPOCHS[name]
     run, small_seconds = trained_run(work, f"{name}-10pc-run", folder, "imagefolder", data_dir, epochs)
     full_epochs = 1 if quick else EPOCHS[name]
-    full_data = {"mnist": ("mnist", data_dir), "cifar10": ("imagefolder", str(Path(data_dir) / "cifar10-jpeg"))}[name]
+    full_data = full_dataset(name, data_dir)
     full, full_seconds = trained_run(work, f"{name}-full-run", None, full_data[0], full_data[1], full_epochs)
     full_clf = sam_cls.load(full, device="cpu")
     full_acc = percent(full_clf.read(full_clf.encode(data.test_x)), test_truth(full_clf, data))
@@ -211,7 +216,7 @@ def exact_pools(u: torch.Tensor, cells: torch.Tensor, n_images: int, chunk: int 
 
 
 def copies_part(name: str, data, data_dir: str, work: Path, quick: bool, copies_list) -> list[dict]:
-    full_data = {"mnist": ("mnist", data_dir), "cifar10": ("imagefolder", str(Path(data_dir) / "cifar10-jpeg"))}[name]
+    full_data = full_dataset(name, data_dir)
     epochs = 1 if quick else EPOCHS[name]
     rows = []
     for queries, options in (("plain", {}), ("deformed", {"deform_queries": DEFORM_SHARE})):

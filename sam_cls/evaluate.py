@@ -8,7 +8,15 @@ from tqdm import tqdm
 
 from sam_cls.memory import MemoryBank
 from sam_cls.model import Encoder
-from sam_cls.read import ReadRule, candidate_scores, class_prior, dense_read, rule_log_probs, sparse_read
+from sam_cls.read import (
+    ReadRule,
+    candidate_scores,
+    class_prior,
+    dense_read,
+    rank_in_group,
+    rule_log_probs,
+    sparse_read,
+)
 
 
 @torch.no_grad()
@@ -121,10 +129,7 @@ def classify(u: torch.Tensor, memory: MemoryBank, index, rule: ReadRule, num_cla
 
 def distinct_sources(origins: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B,) how many distinct source images each row's valid candidates hold."""
-    keys = torch.where(valid, origins, -1).sort(dim=1).values
-    new = torch.ones_like(valid)
-    new[:, 1:] = keys[:, 1:] != keys[:, :-1]
-    return (new & (keys >= 0)).sum(1)
+    return ((rank_in_group(origins, valid) == 0) & valid).sum(1)
 
 
 @torch.no_grad()

@@ -218,7 +218,7 @@ class ReadRule:
         return cls(**values)
 
 
-def _rank_in_group(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def rank_in_group(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Each valid entry's rank among the valid entries of its row with the same key, in column order."""
     # A stable sort by key keeps each group in column (score) order; an entry's rank is its place in the group.
     sentinel = keys.max() + 1 if keys.numel() else 0
@@ -252,9 +252,9 @@ def select_cells(scores: torch.Tensor, labels: torch.Tensor, rule: ReadRule,
     """(B, F) mask of the candidates a rule reads, from candidates sorted best first in each row."""
     keep = torch.isfinite(scores)
     if rule.per_source and origins is not None:  # the best copy of each source image stands for it
-        keep &= _rank_in_group(origins, keep) == 0
+        keep &= rank_in_group(origins, keep) == 0
     if rule.class_k:  # each class's own k best
-        keep &= _rank_in_group(labels, keep) < rule.class_k
+        keep &= rank_in_group(labels, keep) < rule.class_k
     elif rule.topk:  # one shared top K
         keep &= keep.cumsum(dim=1) <= rule.topk
     return keep
