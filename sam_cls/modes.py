@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 
 from sam_cls.config import Config
 from sam_cls.data import Dataset
@@ -19,6 +18,7 @@ from sam_cls.evaluate import CellFacts, accuracy, head_accuracy
 from sam_cls.index import IndexRefresher
 from sam_cls.memory import MemoryBank
 from sam_cls.model import Encoder
+from sam_cls.phases import phase
 from sam_cls.read import ReadRule, class_log_probs, dense_read, exclusion_mask, sparse_read
 
 
@@ -43,7 +43,7 @@ class MemoryRead:
 
     def write(self, idx: torch.Tensor, u: torch.Tensor, step: int) -> None:
         """The batch's own cells move towards its embeddings: m <- normalise(eta m + (1 - eta) u)."""
-        with record_function("memory write"):
+        with phase("memory write"):
             self.memory.write(idx, u, self.cfg.eta, step)
 
     def accuracy(self, data: Dataset) -> float:
@@ -83,7 +83,7 @@ class SparseMemory(MemoryRead):
         copies = self.cfg.copies
         # K + copies candidates so that dropping the query's own cells (its image and its deformed copies: a
         # near-duplicate would make the loss trivial) still leaves K.
-        with record_function("search"):
+        with phase("search"):
             _, ids = self.refresher.search(u.detach(), self.cfg.topk + copies)
         ids = ids.to(u.device)
         if copies == 1:  # the batch's own rows: the memory keeps its index's layout, not examples'
@@ -96,7 +96,7 @@ class SparseMemory(MemoryRead):
 
     def after_step(self, idx: torch.Tensor, u: torch.Tensor, step: int) -> None:
         self.write(idx, u, step)
-        with record_function("index refresh"):  # the index follows the memory it reads
+        with phase("index refresh"):  # the index follows the memory it reads
             self.refresher.step(step)
 
 

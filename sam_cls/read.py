@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from sam_cls.phases import phase
+
 # Floor for a class probability before its log: a class with no candidate among the K has P = 0.
 TINY = 1e-30
 
@@ -67,6 +69,11 @@ class SparseRead(torch.autograd.Function):
     # memory, and no tensor of tens of MB is allocated, kept or freed a step.
     @staticmethod
     def forward(ctx, u, ids, memory, labels, num_classes, temperature, exclude):
+        with phase("read forward"):
+            return SparseRead._forward(ctx, u, ids, memory, labels, num_classes, temperature, exclude)
+
+    @staticmethod
+    def _forward(ctx, u, ids, memory, labels, num_classes, temperature, exclude):
         scores = candidate_scores(u, ids, memory).div_(temperature)
         if exclude is not None:
             scores.masked_fill_(exclude, float("-inf"))
@@ -83,6 +90,11 @@ class SparseRead(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the formula treats p and the cells as constants: a second derivative would be wrong
     def backward(ctx, grad_out):
+        with phase("read backward"):  # inside the trainer's "backward": the rest of it is the encoder's
+            return SparseRead._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         ids, memory, cell_labels, p, per_class = ctx.saved_tensors
         # log P_c = log sum_{i: label_i = c} p_i, so ds_i = p_i (g_{label_i} / P_{label_i} - sum_c g_c); a
         # class floored at TINY passes no gradient, as the clamp in the forward says.

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 from tqdm import tqdm
 
 from sam_cls.checkpoint import CheckpointError, RunDir, check_resumable, fault_point
@@ -18,6 +17,7 @@ from sam_cls.index import IndexRefresher
 from sam_cls.memory import MemoryBank
 from sam_cls.model import calibrate_batchnorm
 from sam_cls.modes import lays_out_memory, make_mode
+from sam_cls.phases import phase
 from sam_cls.read import ReadRule
 from sam_cls.setup import get_dataset, index_params, make_encoder, resolve_device
 from sam_cls.tune import tune_memory
@@ -151,8 +151,11 @@ class Trainer:
                              f"{cfg.lr}) or raise --temperature (now {cfg.temperature}); {kept}")
 
     def train_epoch(self, max_steps: int | None = None) -> dict:
-        """The rest of the current pass over the training set (cut short by --max-seconds or `max_steps`)."""
-        cfg, n, mode = self.cfg, len(self.cell_y), self.mode
+        """The rest of the current pass over the training set (cut short by --max-seconds or `max_steps`).
+
+        The one training loop: a sharded run (DistributedTrainer) changes only the hooks below it.
+        """
+        cfg, n = self.cfg, len(self.cell_y)
         self.encoder.train()
         first = self.step % self.steps_per_epoch  # > 0 only when a time budget cut the pass and a resume continues it
         if first == 0:
@@ -161,51 +164,83 @@ class Trainer:
         else:  # the cut pass's own order, regenerated; the support-sample stream goes on from where it was
             perm = torch.randperm(n, generator=torch.Generator().set_state(self.pass_rng))
         perm = perm.to(self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen, start = 0, time.perf_counter()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, seen: this process's
+        start = time.perf_counter()
         last = self.steps_per_epoch if max_steps is None else min(self.steps_per_epoch, first + max_steps)
         bar = tqdm(range(first, last), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step", leave=False,
-                   mininterval=1.0)
+                   mininterval=1.0, disable=not self.shows_progress)
         for i in bar:
             step_start = self.clock()
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            # Named phases, for torch.profiler (benchmarks/profile_step.py); free when no profiler runs.
-            with record_function("batch"):
-                x = self.batch(idx)
-            with record_function("encoder"):
-                u = mode.embed(x)
-            if mode.checks_finite(u) and not torch.isfinite(u).all():
-                raise self.diverged("nan")
-            with record_function("read"):
-                log_probs = mode.log_probs(u, idx)
-            loss = F.nll_loss(log_probs, self.cell_y[idx])
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]  # the global batch
+            # Named phases, for torch.profiler and benchmarks/profile_run.py; free when neither asks.
+            with phase("batch"):
+                x, y = self.step_batch(idx)
+            with phase("encoder"):
+                u = self.mode.embed(x)
+            with phase("read"):
+                log_probs = self.step_read(u, idx)
+            loss, nll = self.step_loss(log_probs, y, len(idx))
             if i % 20 == 0:  # a host sync every step would stall a GPU; every 20 still catches a NaN early
-                value = loss.item()
+                value = self.mean_loss(nll, len(idx))
                 if not math.isfinite(value):
                     raise self.diverged(value)
-                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{seen / max(1e-9, time.perf_counter() - start):.0f}")
-            with record_function("backward"):
+                rate = totals[2].item() / max(1e-9, time.perf_counter() - start)
+                bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
+            with phase("backward"):
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-            with record_function("optimizer"):
+            with phase("optimizer"):
                 self.opt.step()
                 self.sched.step()
             # Training accuracy as the seed's curves show it: the augmented batch, its own cell excluded.
-            correct += (log_probs.detach().argmax(1) == self.cell_y[idx]).sum()
-            loss_sum += loss.detach() * len(idx)
-            seen += len(idx)
+            totals += torch.stack([nll.double(), (log_probs.detach().argmax(1) == y).sum().double(),
+                                   torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
             self.step += 1
-            mode.after_step(idx, u, self.step)
-            self.train_seconds += self.clock() - step_start
+            self.after_step(idx, u, nll)
+            self.train_seconds += self.step_seconds(self.clock() - step_start)
             if self.out_of_time():
                 break
         bar.close()
-        mean_loss = loss_sum.item() / seen
+        loss_sum, correct, seen = self.epoch_totals(totals)
+        mean_loss = loss_sum / seen
         if not math.isfinite(mean_loss):
             raise self.diverged(mean_loss)
-        return {"train_loss": mean_loss, "train_acc": 100.0 * correct.item() / seen,
+        return {"train_loss": mean_loss, "train_acc": 100.0 * correct / seen,
                 "images_per_s": seen / (time.perf_counter() - start)}
+
+    # -- the loop's hooks: one process here, a rank's share of each batch in DistributedTrainer -----------
+    shows_progress = True  # the progress bar (a sharded run shows rank 0's only)
+
+    def step_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pixels and labels this process trains on, of the global batch of cells idx."""
+        return self.batch(idx), self.cell_y[idx]
+
+    def step_read(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Class log-probabilities of the batch through the mode's read; a non-finite embedding stops the run."""
+        if self.mode.checks_finite(u) and not torch.isfinite(u).all():
+            raise self.diverged("nan")
+        return self.mode.log_probs(u, idx)
+
+    def step_loss(self, log_probs: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to differentiate, and this process's summed NLL (detached) for the epoch's totals."""
+        loss = F.nll_loss(log_probs, y)
+        return loss, loss.detach() * len(y)
+
+    def mean_loss(self, nll: torch.Tensor, batch: int) -> float:
+        """The global batch's mean loss (a host sync)."""
+        return nll.item() / batch
+
+    def after_step(self, idx: torch.Tensor, u: torch.Tensor, nll: torch.Tensor) -> None:
+        """The mode's writes and index refresh, once the optimiser has stepped."""
+        self.mode.after_step(idx, u, self.step)
+
+    def step_seconds(self, elapsed: float) -> float:
+        """The seconds a step counts against --max-seconds."""
+        return elapsed
+
+    def epoch_totals(self, totals: torch.Tensor) -> list[float]:
+        """(loss sum, correct, seen) over the pass."""
+        return totals.tolist()
 
     def prepare(self) -> None:
         """Memory (encoded now, unless a checkpoint brought it), the index over it, and the read mode."""
@@ -261,18 +296,22 @@ class Trainer:
 
     def fit(self, run: RunDir) -> dict:
         cfg = self.cfg
-        self.prepare()
+        with phase("prepare"):
+            self.prepare()
         record: dict = {}
         run_start = time.perf_counter()
         while self.epoch < cfg.epochs and not self.out_of_time():
             epoch_start, rebuilds_before = time.perf_counter(), self.refresher.rebuilds
             epoch = self.train_epoch()
             self.epoch = self.step // self.steps_per_epoch  # whole passes; a time budget may cut the last one short
-            self.refresh_memory()
-            # The evaluation depth by measured recall, unless --nprobe fixed it; training reads keep theirs.
-            self.refresher.rebuild("evaluation", calibrate=cfg.nprobe is None)
-            tuned = self.tune_read() if self.finished() else {}
-            test_acc = self.mode.accuracy(self.data)
+            with phase("re-encode"):
+                self.refresh_memory()
+            with phase("rebuild"):  # the evaluation depth by measured recall, unless --nprobe fixed it
+                self.refresher.rebuild("evaluation", calibrate=cfg.nprobe is None)
+            with phase("tune read"):
+                tuned = self.tune_read() if self.finished() else {}
+            with phase("test"):
+                test_acc = self.mode.accuracy(self.data)
             record = {"epoch": round(self.step / self.steps_per_epoch, 4), "step": self.step,
                       "train_loss": round(epoch["train_loss"], 5), "train_acc": round(epoch["train_acc"], 3),
                       "test_acc": round(test_acc, 3), "images_per_s": round(epoch["images_per_s"], 1),
@@ -280,7 +319,8 @@ class Trainer:
                       "index_rebuilds": self.refresher.rebuilds - rebuilds_before, **tuned}
             self.history.append(record)
             fault_point("metrics")
-            self.save(run)  # metrics.jsonl gets the record with the commit, never before it
+            with phase("checkpoint"):
+                self.save(run)  # metrics.jsonl gets the record with the commit, never before it
             self.committed = True
             self.log(f"epoch {record['epoch']:g}/{cfg.epochs}  loss {epoch['train_loss']:.4f}  train acc "
                      f"{epoch['train_acc']:.2f}%  test acc {test_acc:.2f}%  {epoch['images_per_s']:.0f} img/s  "

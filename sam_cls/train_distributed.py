@@ -9,15 +9,12 @@ shared files (checkpoint, metrics, config); every rank writes its own shard (sha
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from sam_cls.checkpoint import CheckpointError, RunDir, check_resumable, fault_point
 from sam_cls.config import Config, ConfigError, TrainingError, make_config
@@ -69,6 +66,7 @@ class DistributedTrainer(Trainer):
             raise ConfigError(f"a shard holds {smallest} cells ({n} over {comm.world} ranks), fewer than --topk "
                               f"{cfg.topk} + 1: use --topk <= {smallest - 1} or fewer ranks")
         self.step_losses: list[torch.Tensor] | None = None  # each step's local loss sum, where asked (benchmarks)
+        self._counts: list[int] = []  # each rank's share of the current step's batch (step_batch)
 
     # -- the memory: this rank's shard --------------------------------------------------------------------
     def encode_memory(self) -> torch.Tensor:
@@ -94,68 +92,49 @@ class DistributedTrainer(Trainer):
         ddp.register_comm_hook(None, ddp_traffic_hook(comm.traffic))
         self.mode = ShardedMemory(cfg, ddp, self.encoder, shard, comm, self.data.num_classes)
 
-    # -- steps --------------------------------------------------------------------------------------------
-    def train_epoch(self, max_steps: int | None = None) -> dict:
-        """Trainer.train_epoch, each rank on its share of every global batch."""
-        cfg, n, mode, comm = self.cfg, len(self.train_y), self.mode, self.comm
-        self.encoder.train()
-        first = self.step % self.steps_per_epoch
-        if first == 0:
-            self.pass_rng = self.perm_gen.get_state()
-            perm = torch.randperm(n, generator=self.perm_gen)
-        else:
-            perm = torch.randperm(n, generator=torch.Generator().set_state(self.pass_rng))
-        perm = perm.to(self.device)
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, seen: this rank's
-        start = time.perf_counter()
-        last = self.steps_per_epoch if max_steps is None else min(self.steps_per_epoch, first + max_steps)
-        bar = tqdm(range(first, last), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step", leave=False,
-                   mininterval=1.0, disable=comm.rank != 0)
-        for i in bar:
-            step_start = self.clock()
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]  # the global batch, alike on every rank
-            counts = split_counts(len(idx), comm.world)
-            lo = sum(counts[: comm.rank])
-            mine = idx[lo : lo + counts[comm.rank]]
-            # Crops are drawn for the whole batch, so each image gets the crop it gets in one process.
-            x = self.batch(idx)[lo : lo + len(mine)] if cfg.augment and self.data.natural else self.train_x[mine]
-            u = mode.embed(x)
-            try:
-                log_probs = mode.log_probs(u, idx, counts)
-            except FloatingPointError:
-                raise self.diverged("nan") from None
-            nll = F.nll_loss(log_probs, self.train_y[mine], reduction="sum")
-            # DDP averages gradients over the ranks: this scale makes that average the global batch's mean.
-            loss = nll * (comm.world / len(idx))
-            if i % 20 == 0:  # every rank sees the same global value, so all stop together
-                value = float(comm.all_reduce("loss check", nll.detach())) / len(idx)
-                if not math.isfinite(value):
-                    raise self.diverged(value)
-                bar.set_postfix(loss=f"{value:.3f}")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.sched.step()
-            totals += torch.stack([nll.detach().double(), (log_probs.detach().argmax(1) == self.train_y[mine]).sum(),
-                                   torch.tensor(float(len(mine)), device=self.device)])
-            if self.step_losses is not None:
-                self.step_losses.append(nll.detach().cpu() / len(idx))
-            self.step += 1
-            fault_point(f"step-{comm.rank}")
-            mode.after_step(self.step)
-            elapsed = self.clock() - step_start
-            if cfg.max_seconds:  # the slowest rank's time, so every rank stops at the same step
-                elapsed = float(comm.all_reduce("clock", torch.tensor([elapsed]), dist.ReduceOp.MAX))
-            self.train_seconds += elapsed
-            if self.out_of_time():
-                break
-        bar.close()
-        loss_sum, correct, seen = comm.all_reduce("epoch totals", totals).tolist()
-        mean_loss = loss_sum / seen
-        if not math.isfinite(mean_loss):
-            raise self.diverged(mean_loss)
-        return {"train_loss": mean_loss, "train_acc": 100.0 * correct / seen,
-                "images_per_s": seen / (time.perf_counter() - start)}
+    # -- steps: Trainer.train_epoch's loop, each rank on its share of every global batch --------------------
+    @property
+    def shows_progress(self) -> bool:
+        return self.comm.rank == 0
+
+    def step_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = split_counts(len(idx), self.comm.world)
+        lo = sum(counts[: self.comm.rank])
+        mine = idx[lo : lo + counts[self.comm.rank]]
+        self._counts = counts  # for this step's read
+        # Crops are drawn for the whole batch, so each image gets the crop it gets in one process.
+        cfg = self.cfg
+        x = self.batch(idx)[lo : lo + len(mine)] if cfg.augment and self.data.natural else self.train_x[mine]
+        return x, self.train_y[mine]
+
+    def step_read(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.mode.log_probs(u, idx, self._counts)
+        except FloatingPointError:  # every rank saw the same embeddings: all stop at this step
+            raise self.diverged("nan") from None
+
+    def step_loss(self, log_probs: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nll = F.nll_loss(log_probs, y, reduction="sum")
+        # DDP averages gradients over the ranks: this scale makes that average the global batch's mean.
+        return nll * (self.comm.world / batch), nll.detach()
+
+    def mean_loss(self, nll: torch.Tensor, batch: int) -> float:
+        # Every rank sees the same global value, so all stop together.
+        return float(self.comm.all_reduce("loss check", nll)) / batch
+
+    def after_step(self, idx: torch.Tensor, u: torch.Tensor, nll: torch.Tensor) -> None:
+        if self.step_losses is not None:
+            self.step_losses.append(nll.cpu() / len(idx))
+        fault_point(f"step-{self.comm.rank}")
+        self.mode.after_step(self.step)
+
+    def step_seconds(self, elapsed: float) -> float:
+        if self.cfg.max_seconds:  # the slowest rank's time, so every rank stops at the same step
+            elapsed = float(self.comm.all_reduce("clock", torch.tensor([elapsed]), dist.ReduceOp.MAX))
+        return elapsed
+
+    def epoch_totals(self, totals: torch.Tensor) -> list[float]:
+        return self.comm.all_reduce("epoch totals", totals).tolist()
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

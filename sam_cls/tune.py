@@ -20,7 +20,7 @@ import torch
 
 from sam_cls.evaluate import CellFacts
 from sam_cls.memory import MemoryBank
-from sam_cls.read import ReadRule, candidate_scores, select_cells, weigh_cells
+from sam_cls.read import ReadRule, candidate_scores, class_prior, select_cells, weigh_cells
 
 # ----------------------------------------------------------------------------- hyper-parameters, all here
 QUERIES = 2000  # validation queries (a seeded sample where there are more)
@@ -42,7 +42,7 @@ class Pool:
     def __init__(self, scores: torch.Tensor, labels: torch.Tensor, origins: torch.Tensor, counts: dict, classes: int):
         order = scores.argsort(dim=1, descending=True, stable=True)
         self.scores, self.labels, self.origins = scores.gather(1, order), labels.gather(1, order), origins.gather(1, order)
-        self.counts, self.classes, self.kept = counts, classes, {}
+        self.counts, self.classes, self.kept, self.weighed = counts, classes, {}, {}
 
     def log_probs(self, rule: ReadRule) -> torch.Tensor:
         key = (0 if rule.class_k else rule.topk, rule.class_k, rule.per_source)  # a per-class read ignores K
@@ -52,8 +52,15 @@ class Pool:
             cols = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
             packed = keep.gather(1, cols)
             self.kept[key] = (self.scores.gather(1, cols), self.labels.gather(1, cols), packed)
-        scores, labels, keep = self.kept[key]
-        return weigh_cells(scores, labels, keep, rule, self.classes, self.counts[rule.per_source])
+        # The softmax over the kept cells is the work; the class prior only shifts its result, so each
+        # (selection, temperature) is weighed once for the ALPHAS that stage 2 tries on it.
+        weighed = key + (rule.temperature,)
+        if weighed not in self.weighed:
+            scores, labels, keep = self.kept[key]
+            self.weighed[weighed] = weigh_cells(scores, labels, keep, replace(rule, alpha=0.0), self.classes)
+        counts = self.counts[rule.per_source]
+        log_probs = self.weighed[weighed]
+        return class_prior(log_probs, rule.alpha, counts) if rule.alpha and counts is not None else log_probs
 
 
 def candidates(u: torch.Tensor, memory: MemoryBank, index, facts: CellFacts, own: torch.Tensor | None,

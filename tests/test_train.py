@@ -1,6 +1,7 @@
 """Training behaviour on small synthetic data: it learns, it is deterministic, it resumes exactly."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from datafiles import write_cifar10
 from sam_cls.checkpoint import RunDir, load_tensors
 from sam_cls.config import ConfigError, make_config
 from sam_cls.modes import DenseMemory, SparseMemory
+from sam_cls.phases import phase
 from sam_cls.read import dense_read
 from sam_cls.train import Trainer, TrainingError, train
 
@@ -216,3 +218,26 @@ def test_a_checkpoint_from_another_encoder_layout_is_refused_by_name(tmp_path):
     atomic_save(state, run.checkpoint)
     with pytest.raises(CheckpointError, match="linear encoder does not fit"):
         train(config(tmp_path, epochs=2), resume=True, log=quiet)
+
+
+def test_the_phase_clock_breaks_a_run_into_its_parts(tmp_path):
+    phase.reset()
+    phase.timing = True
+    try:
+        start = time.perf_counter()
+        train(config(tmp_path, epochs=1), log=quiet)
+        wall = time.perf_counter() - start
+    finally:
+        phase.timing = False
+    seconds = dict(phase.seconds)
+    step = ("batch", "encoder", "read", "search", "read forward", "read backward", "backward", "optimizer",
+            "memory write", "index refresh")
+    end = ("prepare", "re-encode", "rebuild", "tune read", "test", "checkpoint")
+    assert all(seconds.get(name, 0) > 0 for name in step + end), seconds
+    # Nested phases lie inside their own: a read holds its search and forward, a backward the read's backward.
+    assert seconds["read"] >= seconds["search"] + seconds["read forward"]
+    assert seconds["backward"] >= seconds["read backward"]
+    assert sum(seconds[name] for name in ("batch", "encoder", "read", "backward", "optimizer") + end) < wall
+    phase.reset()
+    train(config(tmp_path, "off", epochs=1), log=quiet)  # timing off: the labels cost nothing and count nothing
+    assert not phase.seconds
