@@ -44,6 +44,8 @@ def fit(encoder: str | nn.Module, train, test=None, *, log=print, **options) -> 
     if clash:
         raise ConfigError(f"fit sets {', '.join(clash)} from {', '.join(_SET_BY_FIT[k] for k in clash)}: "
                           "leave them out of the options")
+    if isinstance(options.get("out"), Path):  # a path as Python code holds one
+        options["out"] = str(options["out"])
     module = encoder if isinstance(encoder, nn.Module) else None
     if module is None and not isinstance(encoder, str):
         raise ConfigError(f"encoder must be a name or an nn.Module, got a {type(encoder).__name__}")
