@@ -21,7 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from sam_cls.backbones import check_module
 from sam_cls.checkpoint import CheckpointError, RunDir
 from sam_cls.config import Config, ConfigError, make_config
 from sam_cls.copies import cell_images
@@ -40,16 +42,18 @@ from sam_cls.tune import tune_memory
 class MemoryClassifier:
     """A trained encoder, its memory of labelled cells and the index over them."""
 
-    def __init__(self, run: RunDir, cfg: Config, state: dict, device: torch.device, index: MemoryIndex | None):
+    def __init__(self, run: RunDir, cfg: Config, state: dict, device: torch.device, index: MemoryIndex | None,
+                 module: nn.Module | None = None):
         self.run, self.cfg, self.state, self.device, self.index = run, cfg, state, device, index
         self._facts: CellFacts | None = None  # cached by cell_facts(); add and forget clear it
         self.changes: list[str] = []  # a digest of each add and forget since the load, stored with the commit
         data = state["data"]
         self.classes: list[str] = list(data["classes"])
         self.image_shape: tuple[int, int, int] = tuple(data["image_shape"])
+        check_module(cfg.encoder, module, state.get("network"), str(run.path))  # a user network is handed back
         self.encoder = build_encoder(cfg.encoder, self.image_shape, cfg.dim, torch.zeros(self.image_shape[0]),
                                      torch.ones(self.image_shape[0]),
-                                     len(self.classes) if cfg.head == "softmax" else None)
+                                     len(self.classes) if cfg.head == "softmax" else None, module)
         try:  # the pixel statistics are buffers: they come with the weights
             self.encoder.load_state_dict(state["encoder"])
         except (KeyError, RuntimeError) as e:
@@ -320,8 +324,12 @@ def training_source(cfg: Config) -> dict:
             "copies": cfg.copies, "seed": cfg.seed}
 
 
-def load(path: str | Path | RunDir, device: str = "auto", log=None, index: bool = True) -> MemoryClassifier:
+def load(path: str | Path | RunDir, device: str = "auto", log=None, index: bool = True,
+         encoder: nn.Module | None = None) -> MemoryClassifier:
     """A trained run directory as a classifier (weights-only loading: no code in the files runs).
+
+    encoder: for a run trained with a user nn.Module (sam_cls.fit), a module of the same class; the run's
+    weights are loaded into it (a run keeps weights, never code).
 
     A RunDir whose lock the caller holds (a command's add or forget) is used as it is, so save() commits under it.
 
@@ -345,10 +353,10 @@ def load(path: str | Path | RunDir, device: str = "auto", log=None, index: bool 
         state["data"] = {"name": cfg.dataset, "classes": list(data.classes), "image_shape": list(data.image_shape)}
     memory_size, dim = state["memory"]["embeddings"].shape
     if not index:
-        return MemoryClassifier(run, cfg, state, dev, None)
+        return MemoryClassifier(run, cfg, state, dev, None, encoder)
     if sharded:  # each shard's index covered its own cells only: one over all of them, built now
         memory = state["memory"]["embeddings"].to(dev)
         index = build_index(memory, index_params(cfg, dev), max(cfg.topk, 1), calibrate=True)
-        return MemoryClassifier(run, cfg, state, dev, index)
+        return MemoryClassifier(run, cfg, state, dev, index, encoder)
     saved = load_index(run.index_file(state), index_params(cfg, dev), expect_dim=dim, expect_size=memory_size)
-    return MemoryClassifier(run, cfg, state, dev, saved)
+    return MemoryClassifier(run, cfg, state, dev, saved, encoder)

@@ -30,7 +30,8 @@ from torchvision import datasets as tvd
 from sam_cls.files import read_bytes
 
 # The names --dataset accepts (the config's choices come from here); mnist-mini needs no files and no network.
-DATASETS = ("mnist-mini", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("mnist-mini", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "python")
+PYTHON = "python"  # data handed to sam_cls.fit as tensors: in the run's memory, never on disk
 
 # Seconds per socket operation: torchvision's urlopen sets no timeout and would hang on a dead link.
 _DOWNLOAD_TIMEOUT_S = 20.0
@@ -391,6 +392,13 @@ def _load_synthetic(spec: SyntheticSpec) -> Dataset:
 
 # ---------------------------------------------------------------- public API
 
+def in_memory(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+              classes: list[str], natural: bool) -> Dataset:
+    """Splits given from Python (sam_cls.fit) as uint8 (N, C, H, W) and int64 (N,) tensors: the `python` data
+    set, whose images the run holds as cells only, so they cannot be read back."""
+    return _make(PYTHON, train, test, classes, natural)
+
+
 def load_dataset(name: str, data_dir: str | Path = "data", *, download: bool = True,
                  synthetic: SyntheticSpec | None = None, log: Callable[[str], None] | None = None,
                  skip_bad_images: bool = False) -> Dataset:
@@ -409,6 +417,9 @@ def load_dataset(name: str, data_dir: str | Path = "data", *, download: bool = T
         return load_imagefolder(root, log, skip_bad_images)
     if name == "synthetic":
         return _load_synthetic(synthetic or SyntheticSpec())
+    if name == PYTHON:
+        raise DatasetError("the data set was given from Python (sam_cls.fit) and a run does not keep its images: "
+                           "give it again (sam_cls.fit), or train on files (--dataset imagefolder)")
     raise DatasetError(f"unknown dataset {name!r}; pass --dataset one of: {', '.join(DATASETS)}")
 
 

@@ -4,7 +4,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENCODERS = ("linear", "conv1", "cnn")
+from sam_cls.backbones import (
+    USER_MODULE,
+    last_layer,
+    module_body,
+    recipe,
+    torchvision_body,
+    torchvision_names,
+)
+
+ENCODERS = ("linear", "conv1", "cnn")  # built here; --encoder also takes any torchvision classification model
 
 
 class Encoder(nn.Module):
@@ -22,6 +31,24 @@ class Encoder(nn.Module):
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in body.modules())
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+        self.frozen = False  # --freeze-backbone: only the projection (and a softmax head) trains
+        self.recipe: dict = {}  # how to build this network again (backbones.recipe), recorded in each checkpoint
+
+    def freeze_backbone(self) -> None:
+        """Train the projection to the embedding only (the body's last layer; a softmax head too)."""
+        self.frozen = True
+        projection = last_layer(self.body)[1]
+        for p in self.body.parameters():
+            p.requires_grad_(False)
+        for p in projection.parameters():
+            p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        super().train(mode)
+        if self.frozen:  # a frozen backbone keeps its BatchNorm statistics and runs without dropout
+            self.body.eval()
+            last_layer(self.body)[1].train(mode)
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Unnormalised output of the body (the softmax baseline puts its head on this)."""
@@ -45,9 +72,17 @@ def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
 MIN_SIDE = {"linear": 1, "conv1": 2, "cnn": 8}
 
 
-def build_body(name: str, image_shape: tuple[int, int, int], dim: int) -> nn.Module:
-    """The three encoder bodies: the seed's Linear and 1Conv, and a small CNN that trains on a CPU."""
+def build_body(name: str, image_shape: tuple[int, int, int], dim: int, module: nn.Module | None = None) -> nn.Module:
+    """The three encoder bodies (the seed's Linear and 1Conv, and a small CNN that trains on a CPU), a torchvision
+    model, or a user module (backbones.py)."""
     c, h, w = image_shape
+    if name == USER_MODULE:
+        if module is None:
+            raise ValueError("--encoder module is a user nn.Module, which only Python can give: "
+                             "sam_cls.fit(MyNet(), ...)")
+        return module_body(module, image_shape, dim)
+    if name not in ENCODERS and name in torchvision_names():
+        return torchvision_body(name, image_shape, dim)
     if name in MIN_SIDE and min(h, w) < MIN_SIDE[name]:
         raise ValueError(f"the {name} encoder needs images of at least {MIN_SIDE[name]}x{MIN_SIDE[name]} pixels, got "
                          f"{h}x{w}: use larger images or --encoder linear")
@@ -75,7 +110,12 @@ def build_body(name: str, image_shape: tuple[int, int, int], dim: int) -> nn.Mod
             nn.AdaptiveMaxPool2d(1), nn.Flatten(),
             nn.Linear(256, dim),
         )
-    raise ValueError(f"unknown encoder {name!r}: choose one of {', '.join(ENCODERS)} (--encoder)")
+    raise ValueError(f"unknown encoder {name!r}: choose one of {', '.join(encoder_names())} (--encoder)")
+
+
+def encoder_names() -> list[str]:
+    """What --encoder accepts by name: the built-in encoders, then torchvision's classification models."""
+    return [*ENCODERS, *torchvision_names()]
 
 
 def build_encoder(
@@ -85,10 +125,15 @@ def build_encoder(
     mean: torch.Tensor,
     std: torch.Tensor,
     num_classes: int | None = None,
+    module: nn.Module | None = None,
 ) -> Encoder:
-    """The encoder; with `num_classes`, also a linear head so it can be trained as a plain softmax classifier."""
+    """The encoder; with `num_classes`, also a linear head so it can be trained as a plain softmax classifier;
+    `module`: the user network of `--encoder module` (sam_cls.fit)."""
+    body = build_body(name, image_shape, dim, module)
     head = nn.Linear(dim, num_classes) if num_classes else None
-    return Encoder(build_body(name, image_shape, dim), mean, std, head)
+    encoder = Encoder(body, mean, std, head)
+    encoder.recipe = recipe(name, image_shape, module)
+    return encoder
 
 
 @torch.no_grad()
@@ -106,7 +151,9 @@ def calibrate_batchnorm(encoder: Encoder, images: torch.Tensor, batch_size: int,
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the calibration batches
-    encoder.train()
+    encoder.eval()
+    for m in norms:  # only the norms in training mode: a frozen backbone's (Encoder.train) are estimated too
+        m.train()
     for i in range(0, len(sample), batch_size):
         encoder(sample[i : i + batch_size])
     for m, momentum in zip(norms, momenta, strict=True):

@@ -11,15 +11,14 @@ from tqdm import tqdm
 from sam_cls.checkpoint import CheckpointError, RunDir, check_resumable, fault_point
 from sam_cls.config import Config, ConfigError, TrainingError, make_config
 from sam_cls.copies import cell_images, deform, encode_cells
-from sam_cls.data import augment
+from sam_cls.data import Dataset, augment
 from sam_cls.evaluate import encode_all
 from sam_cls.index import IndexRefresher
 from sam_cls.memory import MemoryBank
-from sam_cls.model import calibrate_batchnorm
 from sam_cls.modes import lays_out_memory, make_mode
 from sam_cls.phases import phase
 from sam_cls.read import ReadRule
-from sam_cls.setup import get_dataset, index_params, make_encoder, resolve_device
+from sam_cls.setup import get_dataset, index_params, make_encoder, resolve_device, start_network
 from sam_cls.tune import tune_memory
 
 
@@ -29,11 +28,13 @@ class Trainer:
     clock = staticmethod(time.perf_counter)  # times the steps against --max-seconds (tests replace it)
     tunes_read = True  # a sharded memory (DistributedTrainer) holds a share of the cells: it keeps the read as trained
 
-    def __init__(self, cfg: Config, log=print):
+    def __init__(self, cfg: Config, log=print, data: Dataset | None = None, module: torch.nn.Module | None = None):
+        """data: the data set when given from Python (else cfg names it); module: the user network of
+        `--encoder module`."""
         self.cfg, self.log = cfg, log
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)  # weight initialisation; batches and crops have generators of their own
-        self.data = get_dataset(cfg, log)
+        self.data = get_dataset(cfg, log, data)
         n = len(self.data.train_y) * cfg.copies  # cells: copy c of image e is cell c * N + e
         if cfg.topk > n - cfg.copies - 1:
             raise ConfigError(f"--topk {cfg.topk} is larger than the memory allows ({n} cells, {cfg.copies} excluded "
@@ -43,7 +44,7 @@ class Trainer:
         # Data lives on the training device and is augmented there in batches (no per-image Python work).
         self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
         self.cell_y = self.train_y.repeat(cfg.copies)  # every cell's label; batches draw cells, not images
-        self.encoder = make_encoder(cfg, self.data).to(self.device)
+        self.encoder = make_encoder(cfg, self.data, module).to(self.device)
         self.opt = torch.optim.SGD(self.encoder.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                    weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -64,7 +65,7 @@ class Trainer:
     def lr_factor(self, step: int) -> float:
         """Linear warm-up then linear decay to zero over the run's progress: by steps, or by seconds where
         --max-seconds ends first."""
-        total = self.total_steps
+        total = max(1, self.total_steps)  # --epochs 0 makes no step, but the scheduler asks once
         done = step / total
         if self.cfg.max_seconds:
             done = max(done, self.train_seconds / self.cfg.max_seconds)
@@ -88,6 +89,7 @@ class Trainer:
                      "image_shape": list(self.data.image_shape), "train_images": len(self.train_y)},
             "step": self.step, "epoch": self.epoch, "train_seconds": self.train_seconds, "history": list(self.history),
             "device_type": self.device.type,
+            "network": self.encoder.recipe,  # how to build the network again: the weights above are all it keeps
             "rng": {"torch": torch.get_rng_state(), "perm": self.perm_gen.get_state(), "pass": self.pass_rng,
                     "aug": self.aug_gen.get_state()},
         }
@@ -246,7 +248,7 @@ class Trainer:
         """Memory (encoded now, unless a checkpoint brought it), the index over it, and the read mode."""
         cfg = self.cfg
         if self.memory is None:
-            calibrate_batchnorm(self.encoder, self.train_x, cfg.batch_size)
+            start_network(self.encoder, cfg, self.train_x, self.log)
             self.memory = MemoryBank(self.encode_memory(), self.cell_y)
         self.refresher = IndexRefresher(self.memory.embeddings, index_params(cfg, self.device), k=max(cfg.topk, 1) + 1,
                                         rebuild_every=rebuild_policy(cfg), staleness_threshold=cfg.staleness_threshold,
@@ -300,6 +302,8 @@ class Trainer:
             self.prepare()
         record: dict = {}
         run_start = time.perf_counter()
+        if cfg.epochs == 0:
+            record = self.commit_untrained(run)
         while self.epoch < cfg.epochs and not self.out_of_time():
             epoch_start, rebuilds_before = time.perf_counter(), self.refresher.rebuilds
             epoch = self.train_epoch()
@@ -331,6 +335,21 @@ class Trainer:
                 "seconds": round(time.perf_counter() - run_start, 2), "run_dir": str(run.path),
                 "images_per_s": record.get("images_per_s")}
 
+    def commit_untrained(self, run: RunDir) -> dict:
+        """--epochs 0: the memory of the network as built or given (prepare encoded it), measured and committed
+        as epoch 0, so predict, evaluate and the API can use it."""
+        start = time.perf_counter()
+        self.refresher.rebuild("evaluation", calibrate=self.cfg.nprobe is None)
+        tuned = self.tune_read()
+        test_acc = self.mode.accuracy(self.data)
+        record = {"epoch": 0, "step": 0, "test_acc": round(test_acc, 3),
+                  "seconds": round(time.perf_counter() - start, 2), "index_rebuilds": 0, **tuned}
+        self.history.append(record)
+        self.save(run)
+        self.committed = True
+        self.log(f"epoch 0 (no training)  test acc {test_acc:.2f}%  {record['seconds']:.1f}s")
+        return record
+
 
 def rebuild_policy(cfg: Config) -> int | str | None:
     """--rebuild-every as IndexRefresher takes it: steps, "auto", or None for "epoch" (fit() rebuilds before
@@ -349,13 +368,14 @@ def fresh_run_dir(cfg: Config) -> Path:
     return path
 
 
-def train(cfg: Config, resume: bool = False, log=print) -> dict:
-    """Train a new run (or, with resume, continue the run in cfg.out under cfg); returns the last epoch's summary."""
+def train(cfg: Config, resume: bool = False, log=print, **given) -> dict:
+    """Train a new run (or, with resume, continue the run in cfg.out under cfg); returns the last epoch's summary.
+    given: Trainer's `data` and `module`, where Python hands them over (sam_cls.fit)."""
     if resume and not cfg.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
     run = RunDir(cfg.out or fresh_run_dir(cfg))
     cfg.out = str(run.path)
-    return _fit(run, lambda state: cfg, resume, log)
+    return _fit(run, lambda state: cfg, resume, log, **given)
 
 
 def resume(out: str, log=print, **overrides) -> dict:
@@ -364,14 +384,14 @@ def resume(out: str, log=print, **overrides) -> dict:
                 True, log)
 
 
-def _fit(run: RunDir, config_for, resume: bool, log) -> dict:
+def _fit(run: RunDir, config_for, resume: bool, log, **given) -> dict:
     run.log = log
     with run.lock():  # one writer: a second train, resume, add, forget or rebuild-index fails at once
         if not resume and run.checkpoint.exists():
             raise ConfigError(f"{run.path} already holds a run: pass --resume to continue it, or a new --out")
         state = run.load_state(log=log) if resume else None
         cfg = config_for(state)
-        trainer = Trainer(cfg, log)
+        trainer = Trainer(cfg, log, **given)
         if state is not None:
             trainer.load_state_dict(state)
             if trainer.out_of_time():

@@ -21,8 +21,7 @@ from sam_cls.config import Config, ConfigError, TrainingError, make_config
 from sam_cls.distributed import Comm, ddp_traffic_hook, init, shard_range, split_counts
 from sam_cls.evaluate import encode_all
 from sam_cls.memory import MemoryBank
-from sam_cls.model import calibrate_batchnorm
-from sam_cls.setup import index_params, resolve_device
+from sam_cls.setup import index_params, resolve_device, start_network
 from sam_cls.shard_files import load_shard, sweep_shards, write_shard
 from sam_cls.shards import Shard, ShardedMemory, ShardRefresher
 from sam_cls.train import Trainer, fresh_run_dir, rebuild_policy
@@ -76,7 +75,7 @@ class DistributedTrainer(Trainer):
     def prepare(self) -> None:
         cfg, comm = self.cfg, self.comm
         if self.memory is None:
-            calibrate_batchnorm(self.encoder, self.train_x, cfg.batch_size)  # the same sample on every rank
+            start_network(self.encoder, cfg, self.train_x, self.log)  # the same sample on every rank
             self.memory = MemoryBank(self.encode_memory(), self.train_y[self.start : self.stop])
         shard = Shard(self.memory, self.ranges, comm.rank)
         self.refresher = shard.refresher = ShardRefresher(

@@ -6,6 +6,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
+from sam_cls.backbones import torchvision_names
 from sam_cls.cli import main
 from sam_cls.config import FIELDS, Config, ConfigError, flag, kind, make_config, read_yaml, save_config
 
@@ -160,7 +161,7 @@ def test_train_help_has_every_field_with_help_and_default():
     assert "[memory|softmax]" in option_line(text, "--head")
     assert "[auto|cpu|cuda]" in option_line(text, "--device")
     assert "[auto|flat|ivf|ivfpq|hnsw|torch]" in option_line(text, "--index")
-    assert "[default: 10; x>=1]" in option_line(text, "--epochs")
+    assert "[default: 10; x>=0]" in option_line(text, "--epochs")
     assert "[default: 128; x>=1]" in option_line(text, "--batch-size")
     assert "[default: 0; x>=0]" in option_line(text, "--seed")
     assert "[default: 0.5; 0<=x<1]" in option_line(text, "--eta")
@@ -181,8 +182,9 @@ def test_cli_values_meet_the_same_rules_in_one_line(tmp_path):
     for args, error in ((["--topk", "8.9"], "error: --topk must be a whole number, got '8.9'"),
                         (["--topk", "-1"], "error: --topk must be >= 0, got -1"),
                         (["--temperature", "inf"], "error: --temperature must be a finite number, got 'inf'"),
-                        (["--epochs", "0"], "error: --epochs must be >= 1, got 0"),
-                        (["--encoder", "vit"], "error: --encoder must be one of linear, conv1, cnn; got 'vit'")):
+                        (["--epochs", "-1"], "error: --epochs must be >= 0, got -1"),
+                        (["--encoder", "vit"], ("error: --encoder must be one of linear, conv1, cnn or a torchvision "
+                         f"classification model ({', '.join(torchvision_names())}); got 'vit'"))):
         result = CliRunner().invoke(main, ["train", *args, "--out", str(tmp_path / "never")])
         assert result.exit_code == 2 and result.stderr.strip() == error, result.output
     assert not (tmp_path / "never").exists()
