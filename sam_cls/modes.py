@@ -91,8 +91,10 @@ class SparseMemory(MemoryRead):
         else:  # cell c * N + e is copy c of image e: own cells share e
             n = self.memory.size // copies
             own = self.memory.example_ids[ids] % n == (idx % n).unsqueeze(1)
-        return sparse_read(u, ids, self.memory.embeddings, self.memory.labels, self.num_classes,
-                           self.cfg.temperature, exclude=exclusion_mask(ids, own, self.cfg.topk))
+        exclude = exclusion_mask(ids, own, self.cfg.topk)
+        with phase("read forward"):
+            return sparse_read(u, ids, self.memory.embeddings, self.memory.labels, self.num_classes,
+                               self.cfg.temperature, exclude=exclude)
 
     def after_step(self, idx: torch.Tensor, u: torch.Tensor, step: int) -> None:
         self.write(idx, u, step)

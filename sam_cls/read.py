@@ -69,11 +69,6 @@ class SparseRead(torch.autograd.Function):
     # memory, and no tensor of tens of MB is allocated, kept or freed a step.
     @staticmethod
     def forward(ctx, u, ids, memory, labels, num_classes, temperature, exclude):
-        with phase("read forward"):
-            return SparseRead._forward(ctx, u, ids, memory, labels, num_classes, temperature, exclude)
-
-    @staticmethod
-    def _forward(ctx, u, ids, memory, labels, num_classes, temperature, exclude):
         scores = candidate_scores(u, ids, memory).div_(temperature)
         if exclude is not None:
             scores.masked_fill_(exclude, float("-inf"))
@@ -91,6 +86,7 @@ class SparseRead(torch.autograd.Function):
     @once_differentiable  # the formula treats p and the cells as constants: a second derivative would be wrong
     def backward(ctx, grad_out):
         with phase("read backward"):  # inside the trainer's "backward": the rest of it is the encoder's
+            # (only training reads run a backward; the forward is labelled where training calls it, modes.py)
             return SparseRead._backward(ctx, grad_out)
 
     @staticmethod

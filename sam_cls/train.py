@@ -302,52 +302,44 @@ class Trainer:
             self.prepare()
         record: dict = {}
         run_start = time.perf_counter()
-        if cfg.epochs == 0:
-            record = self.commit_untrained(run)
+        if cfg.epochs == 0:  # --epochs 0: the memory of the network as built or given, measured and committed
+            record = self.end_epoch(run, run_start, self.refresher.rebuilds, {"epoch": 0, "step": 0})
+            self.log(f"epoch 0 (no training)  test acc {record['test_acc']:.2f}%  {record['seconds']:.1f}s")
         while self.epoch < cfg.epochs and not self.out_of_time():
             epoch_start, rebuilds_before = time.perf_counter(), self.refresher.rebuilds
             epoch = self.train_epoch()
             self.epoch = self.step // self.steps_per_epoch  # whole passes; a time budget may cut the last one short
             with phase("re-encode"):
                 self.refresh_memory()
-            with phase("rebuild"):  # the evaluation depth by measured recall, unless --nprobe fixed it
-                self.refresher.rebuild("evaluation", calibrate=cfg.nprobe is None)
-            with phase("tune read"):
-                tuned = self.tune_read() if self.finished() else {}
-            with phase("test"):
-                test_acc = self.mode.accuracy(self.data)
-            record = {"epoch": round(self.step / self.steps_per_epoch, 4), "step": self.step,
-                      "train_loss": round(epoch["train_loss"], 5), "train_acc": round(epoch["train_acc"], 3),
-                      "test_acc": round(test_acc, 3), "images_per_s": round(epoch["images_per_s"], 1),
-                      "seconds": round(time.perf_counter() - epoch_start, 2),
-                      "index_rebuilds": self.refresher.rebuilds - rebuilds_before, **tuned}
-            self.history.append(record)
-            fault_point("metrics")
-            with phase("checkpoint"):
-                self.save(run)  # metrics.jsonl gets the record with the commit, never before it
-            self.committed = True
+            record = self.end_epoch(run, epoch_start, rebuilds_before, {
+                "epoch": round(self.step / self.steps_per_epoch, 4), "step": self.step,
+                "train_loss": round(epoch["train_loss"], 5), "train_acc": round(epoch["train_acc"], 3),
+                "images_per_s": round(epoch["images_per_s"], 1)})
             self.log(f"epoch {record['epoch']:g}/{cfg.epochs}  loss {epoch['train_loss']:.4f}  train acc "
-                     f"{epoch['train_acc']:.2f}%  test acc {test_acc:.2f}%  {epoch['images_per_s']:.0f} img/s  "
-                     f"{record['seconds']:.1f}s  rebuilds {record['index_rebuilds']}")
+                     f"{epoch['train_acc']:.2f}%  test acc {record['test_acc']:.2f}%  {epoch['images_per_s']:.0f} "
+                     f"img/s  {record['seconds']:.1f}s  rebuilds {record['index_rebuilds']}")
         if self.out_of_time():
             self.log(f"stopped by --max-seconds {cfg.max_seconds:g} after {record.get('epoch', 0):g} epochs")
         return {"test_acc": record.get("test_acc"), "epochs": record.get("epoch"),
                 "seconds": round(time.perf_counter() - run_start, 2), "run_dir": str(run.path),
                 "images_per_s": record.get("images_per_s")}
 
-    def commit_untrained(self, run: RunDir) -> dict:
-        """--epochs 0: the memory of the network as built or given (prepare encoded it), measured and committed
-        as epoch 0, so predict, evaluate and the API can use it."""
-        start = time.perf_counter()
-        self.refresher.rebuild("evaluation", calibrate=self.cfg.nprobe is None)
-        tuned = self.tune_read()
-        test_acc = self.mode.accuracy(self.data)
-        record = {"epoch": 0, "step": 0, "test_acc": round(test_acc, 3),
-                  "seconds": round(time.perf_counter() - start, 2), "index_rebuilds": 0, **tuned}
+    def end_epoch(self, run: RunDir, start: float, rebuilds_before: int, record: dict) -> dict:
+        """An epoch's end over the memory as it now is: the index rebuilt, the read tuned after the last epoch,
+        the test split read, and the record committed with the checkpoint."""
+        with phase("rebuild"):  # the evaluation depth by measured recall, unless --nprobe fixed it
+            self.refresher.rebuild("evaluation", calibrate=self.cfg.nprobe is None)
+        with phase("tune read"):
+            tuned = self.tune_read() if self.finished() else {}
+        with phase("test"):
+            test_acc = self.mode.accuracy(self.data)
+        record = {**record, "test_acc": round(test_acc, 3), "seconds": round(time.perf_counter() - start, 2),
+                  "index_rebuilds": self.refresher.rebuilds - rebuilds_before, **tuned}
         self.history.append(record)
-        self.save(run)
+        fault_point("metrics")
+        with phase("checkpoint"):
+            self.save(run)  # metrics.jsonl gets the record with the commit, never before it
         self.committed = True
-        self.log(f"epoch 0 (no training)  test acc {test_acc:.2f}%  {record['seconds']:.1f}s")
         return record
 
 
