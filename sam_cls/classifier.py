@@ -101,7 +101,7 @@ class MemoryClassifier:
                skipped: list[tuple[Path, str]] | None = None) -> torch.Tensor:
         """uint8 (B, C, H, W) of images in any accepted form, in the run's input shape (sam_cls/images.py); with
         `skipped` given, unreadable files are listed there instead of raising."""
-        return to_batch(images, self.image_shape, self.background, self.run.log, skipped)
+        return to_batch(images, self.image_shape, lambda: self.background, self.run.log, skipped)
 
     # -- classifying ------------------------------------------------------------------------------------------
     @property
@@ -323,7 +323,7 @@ class MemoryClassifier:
         self.changes.append(_digest("forget", class_name, source, None if cells is None else list(cells)))
         self._memory_changed(before)
         what = {"class": class_name} if class_name is not None else {"source": source} if source is not None else \
-            {"cells": len(cells)}
+            {"cell_numbers": len(cells)}
         self._record({"op": "forget", "forgotten": int(drop.sum()), **what})
         return int(drop.sum())
 

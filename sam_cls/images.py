@@ -20,6 +20,8 @@ from sam_cls.files import NotRegularFileError, check_regular, open_file
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 ImageLike = str | Path | Image.Image | torch.Tensor | np.ndarray
+# The grey level transparent images are composited onto, or a function that finds it (called only for those).
+Background = int | Callable[[], int]
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -74,7 +76,7 @@ def read_image(path: str | Path) -> Image.Image:
         raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def to_batch(images: ImageLike | Iterable[ImageLike], shape: tuple[int, int, int], background: int = 0,
+def to_batch(images: ImageLike | Iterable[ImageLike], shape: tuple[int, int, int], background: Background = 0,
              log: Callable[[str], None] | None = None,
              skipped: list[tuple[Path, str]] | None = None) -> torch.Tensor:
     """uint8 (B, C, H, W) in the run's shape: decoded as a viewer shows them (decode()), channels converted (grey
@@ -103,7 +105,7 @@ def to_batch(images: ImageLike | Iterable[ImageLike], shape: tuple[int, int, int
     return torch.cat(batch)
 
 
-def _decoded(image: ImageLike, background: int) -> torch.Tensor:
+def _decoded(image: ImageLike, background: Background) -> torch.Tensor:
     if isinstance(image, torch.Tensor | np.ndarray):
         return array_batch(image, background)
     if isinstance(image, str | Path):
@@ -119,7 +121,7 @@ _CHANNELS = (1, 2, 3, 4)
 _LAYOUTS = "(H, W), (C, H, W), (H, W, C), (B, C, H, W) or (B, H, W, C) with C = 1, 2, 3 or 4"
 
 
-def array_batch(x: torch.Tensor | np.ndarray, background: int = 0) -> torch.Tensor:
+def array_batch(x: torch.Tensor | np.ndarray, background: Background = 0) -> torch.Tensor:
     """uint8 (B, C, H, W), C 1 or 3, of an image array or tensor in any common layout and value range.
 
     Layouts: (H, W); (C, H, W) or (H, W, C), read as numpy's own (H, W, C) when both could be (np.asarray of a
@@ -170,7 +172,7 @@ def _uint8(t: torch.Tensor, given: str) -> torch.Tensor:
 _DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def decode(image: Image.Image, background: int = 0) -> torch.Tensor:
+def decode(image: Image.Image, background: Background = 0) -> torch.Tensor:
     """uint8 (1, C, H, W), C 1 (grey) or 3 (RGB), of a PIL image as a viewer shows it: EXIF orientation applied,
     palette images converted, 16-bit, 32-bit and float images scaled from their range, and transparency
     composited onto the run's background grey level (composite())."""
@@ -186,11 +188,12 @@ def decode(image: Image.Image, background: int = 0) -> torch.Tensor:
     return TF.pil_to_tensor(image).unsqueeze(0)
 
 
-def composite(image: Image.Image, background: int) -> Image.Image:
+def composite(image: Image.Image, background: Background) -> Image.Image:
     """An image with transparency flattened onto the background grey level, by PIL's alpha_composite. A drawing
     exported with its shape in the alpha channel and ink of the background's own shade (black strokes on a clear
     canvas, for a run of white-on-black digits) would vanish into it: its shape is drawn in the opposite shade,
     as it stands out from whatever a viewer shows behind it."""
+    background = background() if callable(background) else background
     rgba = image.convert("RGBA")
     alpha = rgba.getchannel("A")
     back = Image.new("RGBA", rgba.size, (background,) * 3 + (255,))
