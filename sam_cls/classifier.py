@@ -1,14 +1,16 @@
 """A trained run as a classifier: predict, explain, add and forget examples, with no training data on disk.
 
     clf = sam_cls.load("runs/mnist-mini-conv1-k256")
-    clf.predict(["digit.png"])            # class indices into clf.classes
+    clf.predict(["digit.png"])            # class indices into clf.classes (numpy; torch=True for tensors)
     clf.predict_proba(images)             # (B, C) probabilities
     clf.kneighbors(images, 5)             # (similarities, cells), nearest first, as scikit-learn's kneighbors
     clf.add(images, ["seven", "seven"])   # written into the memory and its index; no gradient step
     clf.forget(class_name="seven")
     clf.save()                            # one atomic commit into the run directory
 
-The memory's labels index `classes`, which grows when `add` names a new class. Each cell keeps where it came
+Images are file paths, PIL images, numpy arrays or tensors (sam_cls/images.py: layouts and value ranges); results
+are numpy arrays, as scikit-learn gives them, or tensors with torch=True. The memory's labels index `classes`
+(`classes_` as a numpy array), which grows when `add` names a new class. Each cell keeps where it came
 from: its source (a data set's split, a folder, or images given from Python) and its item in that source.
 """
 
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +31,7 @@ from sam_cls.checkpoint import CheckpointError, RunDir
 from sam_cls.config import Config, ConfigError, make_config
 from sam_cls.copies import cell_images
 from sam_cls.evaluate import CellFacts, classify, encode_all
-from sam_cls.images import ImageLike, image_files, to_batch
+from sam_cls.images import ImageLike, background_level, image_files, to_batch
 from sam_cls.index import MemoryIndex, build_index, load_index
 from sam_cls.integrity import describe, generation
 from sam_cls.memory import MemoryBank
@@ -47,6 +50,7 @@ class MemoryClassifier:
         self.run, self.cfg, self.state, self.device, self.index = run, cfg, state, device, index
         self._facts: CellFacts | None = None  # cached by cell_facts(); add and forget clear it
         self.changes: list[str] = []  # a digest of each add and forget since the load, stored with the commit
+        self.records: list[dict] = []  # what each add and forget since the load did, for the run's history
         data = state["data"]
         self.classes: list[str] = list(data["classes"])
         self.image_shape: tuple[int, int, int] = tuple(data["image_shape"])
@@ -75,6 +79,34 @@ class MemoryClassifier:
             raise CheckpointError(f"{run.checkpoint}: the cells' sources do not match its {self.memory.size} cells; "
                                   "the file is corrupt")
 
+    @property
+    def classes_(self) -> np.ndarray:
+        """The class names as scikit-learn names them: clf.classes_[clf.predict(x)] are the predicted names."""
+        return np.array(self.classes, dtype=object)
+
+    @property
+    def background(self) -> int:
+        """The grey level of the training images' background, onto which a transparent image is composited:
+        stored by training, else measured once on the run's data set (0, black, where that is not at hand)."""
+        data = self.state["data"]
+        if "background" not in data:
+            from sam_cls.data import DatasetError
+            from sam_cls.setup import get_dataset
+
+            try:
+                data["background"] = background_level(get_dataset(self.cfg, lambda _: None).train_x)
+            except (DatasetError, OSError) as e:
+                self.run.log(f"warning: the run stores no background level and its data set cannot be read "
+                             f"({str(e).splitlines()[0]}): transparent images are composited onto black")
+                data["background"] = 0
+        return int(data["background"])
+
+    def images(self, images: ImageLike | Sequence[ImageLike],
+               skipped: list[tuple[Path, str]] | None = None) -> torch.Tensor:
+        """uint8 (B, C, H, W) of images in any accepted form, in the run's input shape (sam_cls/images.py); with
+        `skipped` given, unreadable files are listed there instead of raising."""
+        return to_batch(images, self.image_shape, lambda: self.background, self.run.log, skipped)
+
     # -- classifying ------------------------------------------------------------------------------------------
     @property
     def topk(self) -> int:
@@ -100,8 +132,8 @@ class MemoryClassifier:
         return self._facts
 
     def encode(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
-        """Embeddings of images in any accepted form, converted to the run's input shape first."""
-        return encode_all(self.encoder, to_batch(images, self.image_shape), self.cfg.eval_batch_size)
+        """(B, d) embeddings (a tensor: what read() and the index take) of images in any accepted form."""
+        return encode_all(self.encoder, self.images(images), self.cfg.eval_batch_size)
 
     def read_rule(self, topk: int | None = None, balanced: bool = False, **changes) -> ReadRule:
         """The run's rule with these changes: topk, balanced (alpha 1), or any ReadRule field by name."""
@@ -119,6 +151,8 @@ class MemoryClassifier:
             raise ValueError(f"topk {rule.topk} must be between 0 and the memory's {self.memory.size} cells")
         return replace(rule, topk=min(rule.topk, self.memory.size))
 
+    # scikit-learn's names give numpy arrays; torch=True gives the tensors the library computes with.
+
     @torch.no_grad()
     def read(self, u: torch.Tensor, topk: int | None = None, balanced: bool = False, **changes) -> torch.Tensor:
         """(B, C) class log-probabilities of embeddings u under the run's read rule (ReadRule), as changed here.
@@ -134,27 +168,41 @@ class MemoryClassifier:
             torch.zeros(0, len(self.classes))
         return log_probs.cpu()
 
-    def predict_log_proba(self, images, topk: int | None = None, balanced: bool = False, **changes) -> torch.Tensor:
-        return self.read(self.encode(images), topk, balanced, **changes)
+    def predict_log_proba(self, images, topk: int | None = None, balanced: bool = False, torch: bool = False,
+                          **changes) -> np.ndarray:
+        """(B, C) class log-probabilities (see read())."""
+        return _out(self.read(self.encode(images), topk, balanced, **changes), torch)
 
-    def predict_proba(self, images, topk: int | None = None, balanced: bool = False, **changes) -> torch.Tensor:
+    def predict_proba(self, images, topk: int | None = None, balanced: bool = False, torch: bool = False,
+                      **changes) -> np.ndarray:
         """(B, C) class probabilities (see read())."""
-        return self.predict_log_proba(images, topk, balanced, **changes).exp()
+        return _out(self.read(self.encode(images), topk, balanced, **changes).exp(), torch)
 
-    def predict(self, images, topk: int | None = None, balanced: bool = False, **changes) -> torch.Tensor:
+    def predict(self, images, topk: int | None = None, balanced: bool = False, torch: bool = False,
+                **changes) -> np.ndarray:
         """(B,) most probable class of each image, as an index into `classes`."""
-        return self.predict_log_proba(images, topk, balanced, **changes).argmax(1)
+        return _out(self.read(self.encode(images), topk, balanced, **changes).argmax(1), torch)
+
+    def kneighbors(self, images, n_neighbors: int | None = None, torch: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, cells), each (B, n): the n nearest cells by cosine similarity, nearest first; n is the
+        run's K by default, and 1 to the memory's size (anything else is a ValueError, as in scikit-learn)."""
+        n = self.topk if n_neighbors is None else n_neighbors
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= self.memory.size:
+            raise ValueError(f"n_neighbors must be a whole number from 1 to the memory's {self.memory.size} cells, "
+                             f"got {n_neighbors!r}")
+        scores, cells = self._search(self.encode(images), int(n))
+        return _out(scores, torch), _out(cells, torch)
 
     @torch.no_grad()
-    def kneighbors(self, images, n_neighbors: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(similarities, cells), each (B, n): the nearest cells by cosine similarity, nearest first."""
-        n = min(n_neighbors or self.topk, self.memory.size)
-        scores, cells = self.index.search(self.encode(images), n)
+    def _search(self, u, n: int):
+        scores, cells = self.index.search(u, n)
         return scores.cpu(), cells.cpu()
 
     @torch.no_grad()
     def explain(self, image: ImageLike, neighbours: int = 16) -> list[dict]:
         """The cells one prediction rests on, nearest first: label, similarity, softmax weight and source."""
+        if not 1 <= neighbours <= self.memory.size:
+            raise ValueError(f"neighbours must be from 1 to the memory's {self.memory.size} cells, got {neighbours}")
         u = self.encode(image)
         k = max(self.topk, min(neighbours, self.memory.size))
         scores, cells = self.index.search(u, k)
@@ -168,6 +216,8 @@ class MemoryClassifier:
 
     def describe(self, cell: int) -> str:
         """Where a cell came from: `mnist train #12`, `mnist train #12 copy 3`, a file path, or `python #3`."""
+        if isinstance(cell, bool) or not isinstance(cell, int | np.integer) or not 0 <= cell < self.memory.size:
+            raise ValueError(f"cell {cell!r} is not in the memory: cells are numbered 0 to {self.memory.size - 1}")
         source, item = self.sources[int(self.cell_source[cell])], int(self.cell_item[cell])
         if source["kind"] == "files":
             return str(Path(source["root"]) / source["files"][item])
@@ -186,7 +236,7 @@ class MemoryClassifier:
             source, item = self.sources[int(self.cell_source[cell])], int(self.cell_item[cell])
             try:
                 if source["kind"] == "files":
-                    out.append(to_batch(Path(source["root"]) / source["files"][item], self.image_shape)[0])
+                    out.append(self.images(Path(source["root"]) / source["files"][item])[0])
                 elif source["kind"] == "dataset":
                     data = data or get_dataset(self.cfg, log or (lambda _: None))
                     # A deformed copy's pixels are regenerated from its seed, exactly as training made them.
@@ -204,7 +254,7 @@ class MemoryClassifier:
         labels are class names (a new name adds a class) or indices into `classes`. source says where the
         images came from (add_folder sets it); by default they count as images given from Python.
         """
-        x = to_batch(images, self.image_shape)
+        x = self.images(images)
         if len(labels) != len(x):
             raise ValueError(f"{len(x)} images but {len(labels)} labels")
         before = self.cell_facts().class_cells
@@ -221,18 +271,29 @@ class MemoryClassifier:
         self.index.add(self.memory.embeddings[start:])  # ids continue from the old size: the new rows
         self.changes.append(_digest("add", x.numpy().tobytes(), [self.classes[i] for i in ids]))
         self._memory_changed(before)
+        self._record({"op": "add", "added": len(x), "source": source["name"],
+                      "new_classes": self.classes[len(before):]})
         return len(x)
 
-    def add_folder(self, folder: str | Path) -> int:
-        """Add every image of folder/<class>/* under its folder's name as the label."""
+    def add_folder(self, folder: str | Path, skipped: list[tuple[Path, str]] | None = None) -> int:
+        """Add every image of folder/<class>/* under its folder's name as the label (hidden folders, such as
+        .ipynb_checkpoints, are not classes). With `skipped` given, unreadable files are listed there and left out."""
         root = Path(folder)
-        classes = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) \
+            if root.is_dir() else []
         if not classes:
             raise ValueError(f"{root} has no class folders: lay the images out as {root}/<class>/<image>")
         files = [(f, d.name) for d in classes for f in image_files([d])]
+        bad: list[tuple[Path, str]] = []
+        x = self.images([f for f, _ in files], bad if skipped is not None else None)
+        if skipped is not None:
+            skipped += bad
+        files = [(f, label) for f, label in files if f not in {p for p, _ in bad}]
+        if not files:
+            return 0
         source = {"kind": "files", "name": str(root), "root": str(root.resolve()),
                   "files": [str(f.relative_to(root)) for f, _ in files]}
-        return self.add([f for f, _ in files], [label for _, label in files], source)
+        return self.add(x, [label for _, label in files], source)
 
     def forget(self, class_name: str | None = None, source: str | None = None,
                cells: Sequence[int] | None = None) -> int:
@@ -251,6 +312,8 @@ class MemoryClassifier:
             if bad:
                 raise ValueError(f"cells {bad} are not in the memory (0 to {self.memory.size - 1})")
             drop[list(cells)] = True
+        if not drop.any():  # nothing to remove: nothing changes, and save() has nothing to commit
+            return 0
         keep = (~drop).nonzero().squeeze(1)
         before = self.cell_facts().class_cells
         if len(keep) < max(1, self.cfg.topk):
@@ -263,7 +326,16 @@ class MemoryClassifier:
         self.index.refresh(self.memory.embeddings)
         self.changes.append(_digest("forget", class_name, source, None if cells is None else list(cells)))
         self._memory_changed(before)
+        what = {"class": class_name} if class_name is not None else {"source": source} if source is not None else \
+            {"cell_numbers": len(cells)}
+        self._record({"op": "forget", "forgotten": int(drop.sum()), **what})
         return int(drop.sum())
+
+    def _record(self, record: dict) -> None:
+        """A change's line in the run's history (the checkpoint's records, mirrored by metrics.jsonl): at the
+        training step the memory was trained to, so a reader of the file keeps it in step order."""
+        self.records.append({**record, "cells": self.memory.size, "classes": len(self.classes),
+                             "step": int(self.state.get("step", 0))})
 
     def _memory_changed(self, before: torch.Tensor) -> None:
         """After add or forget (cells of each class before it): the facts the rules read are stale, and a tuned
@@ -294,9 +366,11 @@ class MemoryClassifier:
             return False
         state = {**self.state, "memory": {k: v.cpu() for k, v in self.memory.state_dict().items()},
                  "data": {**self.state["data"], "classes": list(self.classes)},
-                 "cells": {"source": self.cell_source, "item": self.cell_item}, "sources": self.sources}
+                 "cells": {"source": self.cell_source, "item": self.cell_item}, "sources": self.sources,
+                 # a checkpoint from before it kept its records: metrics.jsonl holds them
+                 "history": list(self.state.get("history", self.run.load_metrics())) + self.records}
         self.state = {**state, "generation": self.run.commit(state, self.index, op)}
-        self.changes = []
+        self.changes, self.records = [], []
         return True
 
     def _class_id(self, label: str | int) -> int:
@@ -305,8 +379,21 @@ class MemoryClassifier:
                 raise ValueError(f"class index {label} is not one of the run's {len(self.classes)} classes")
             return label
         if label not in self.classes:
+            for name in self.classes:
+                if _label_key(name) & _label_key(label):
+                    self.run.log(f"warning: new class {label!r} differs from the run's class {name!r} only by its "
+                                 f"label text: name the folder {name!r} to add to that class")
             self.classes.append(label)
         return self.classes.index(label)
+
+
+def _label_key(name: str) -> set[str]:
+    """The parts of a class name that name the class: '7 - seven' is 7 and seven, as torchvision names MNIST's."""
+    return {part.strip().lower() for part in name.split(" - ") if part.strip()}
+
+
+def _out(x: torch.Tensor, as_tensor: bool) -> np.ndarray | torch.Tensor:
+    return x if as_tensor else x.numpy()
 
 
 def _digest(*parts) -> str:

@@ -1,6 +1,5 @@
 """The `sam-cls` command: parse options, call the library, print. No logic lives here."""
 
-import dataclasses
 import functools
 import json
 import re
@@ -9,7 +8,8 @@ import sys
 import click
 
 from sam_cls.checkpoint import RunDir
-from sam_cls.config import DEVICES, FIELDS, bounds_text, flag, kind, make_config
+from sam_cls.cli_options import config_options
+from sam_cls.config import DEVICES, make_config
 
 
 def log(message: str) -> None:
@@ -55,71 +55,6 @@ def friendly_errors(fn):
             sys.exit(2)
 
     return wrapper
-
-
-class _AsGiven(click.ParamType):
-    """Passes the text through; Config coerces and checks it, so a CLI value and a YAML value meet the same
-    rules and a bad one ends in the same one-line error naming the option. `name` is what --help shows."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def convert(self, value, param, ctx):
-        return value
-
-
-class _ShownChoice(click.Choice):
-    """--help and shell completion list the choices; Config.validate rejects any other value, in one line."""
-
-    def convert(self, value, param, ctx):
-        return value
-
-
-class _ConfigOption(click.Option):
-    """A Config field's flag: parses to None when not given (so a --config file's value or the field's default
-    applies), while --help shows the field's real default and its range, as click shows an IntRange's."""
-
-    def __init__(self, *args, shown: str, range_text: str, **kwargs):
-        super().__init__(*args, default=None, show_default=False, **kwargs)
-        self.extra = "; ".join(part for part in (f"default: {shown}", range_text) if part)
-
-    def get_help_record(self, ctx):
-        opts, text = super().get_help_record(ctx)
-        return opts, f"{text}  [{self.extra}]"
-
-
-_METAVARS = {int: "integer", float: "float", str: "text", list: "list"}
-
-
-def config_options(names=None):
-    """Flags for Config fields (all of them unless named), generated from the fields' defaults and metadata."""
-
-    def decorate(fn):
-        for name in reversed(names or list(FIELDS)):
-            field, meta = FIELDS[name], FIELDS[name].metadata
-            value_type, _ = kind(name)
-            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-            if meta["shown"] is not None:
-                shown = meta["shown"]
-            elif value_type is bool:
-                shown = flag(name) if default else f"no-{flag(name)}"  # as click shows a bool flag's default
-            elif value_type is list:
-                shown = ",".join(map(str, default))
-            else:
-                shown = str(default)
-            kwargs = {"cls": _ConfigOption, "help": meta["help"], "shown": shown,
-                      "range_text": bounds_text(meta, brief=True)}
-            if value_type is bool:
-                decls = [f"--{flag(name)}/--no-{flag(name)}", name]
-            else:
-                decls = [f"--{flag(name)}", name]
-                kwargs["type"] = _ShownChoice(meta["choices"]) if meta["choices"] else _AsGiven(_METAVARS[value_type])
-                if meta["metavar"]:
-                    kwargs["metavar"] = meta["metavar"]
-            fn = click.option(*decls, **kwargs)(fn)
-        return fn
-
-    return decorate
 
 
 # Index choice and knobs, shared by train and rebuild-index.
@@ -204,6 +139,21 @@ max_pixels_option = click.option("--max-image-pixels", type=click.IntRange(min=1
                                  "[default: PIL's Image.MAX_IMAGE_PIXELS, 89478485]")
 
 
+# For the commands that read a list of image files: answer the readable ones, list the others.
+skip_bad_option = click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable image files, each "
+                               "listed on stderr, and exit with status 1 when any was left out (else an unreadable "
+                               "file is an error, status 2, and nothing is done).")
+
+
+def list_skipped(skipped: list) -> None:
+    """One line a file left out by --skip-bad-images; exit status 1 after the answers, so scripts notice."""
+    for _, reason in skipped:
+        log(f"skipped: {shown(reason)}")
+    if skipped:
+        log(f"{len(skipped)} unreadable image file(s) left out (--skip-bad-images)")
+        sys.exit(1)
+
+
 def load(run_dir: str | RunDir, device: str, index: bool = True):
     from sam_cls.classifier import load as load_classifier
 
@@ -213,26 +163,33 @@ def load(run_dir: str | RunDir, device: str, index: bool = True):
 @main.command()
 @run_options
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--topk", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
+@click.option("--topk", type=click.IntRange(min=0), help="Cells read per image, K (default: the run's read).")
 @read_options
+@skip_bad_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 @max_pixels_option
 @friendly_errors
-def predict(run_dir, device, paths, topk, balanced, alpha, class_k, per_source, as_json) -> None:
+def predict(run_dir, device, paths, top, topk, balanced, alpha, class_k, per_source, skip_bad_images,
+            as_json) -> None:
     """Classify image files (or every image in the folders given), any size or format."""
     from sam_cls.images import image_files
 
     clf = load(run_dir, device)
-    files = image_files(paths)
-    proba = clf.predict_proba(files, balanced=balanced, alpha=alpha, class_k=class_k, per_source=per_source)
+    files, skipped = image_files(paths), [] if skip_bad_images else None
+    x = clf.images(files, skipped)
+    files = [f for f in files if f not in {path for path, _ in skipped or []}]
+    proba = clf.predict_proba(x, topk, balanced, torch=True, alpha=alpha, class_k=class_k,
+                              per_source=per_source) if files else []
     for path, p in zip(files, proba, strict=True):
-        best = p.topk(min(topk, len(p)))
-        top = [{"class": clf.classes[int(c)], "probability": round(float(v), 4)}
-               for v, c in zip(best.values, best.indices, strict=True)]
+        best = p.topk(min(top, len(p)))
+        ranked = [{"class": clf.classes[int(c)], "probability": round(float(v), 4)}
+                  for v, c in zip(best.values, best.indices, strict=True)]
         if as_json:
-            click.echo(json.dumps({"path": str(path), "top": top}))
+            click.echo(json.dumps({"path": str(path), "top": ranked}))
         else:
-            click.echo(f"{shown(path)}  " + "  ".join(f"{shown(t['class'])} {t['probability']:.3f}" for t in top))
+            click.echo(f"{shown(path)}  " + "  ".join(f"{shown(t['class'])} {t['probability']:.3f}" for t in ranked))
+    list_skipped(skipped or [])
 
 
 @main.command()
@@ -268,19 +225,22 @@ def explain(run_dir, device, image, neighbours, out, balanced, alpha, class_k, p
 @run_options
 @click.option("--data", "folder", required=True, type=click.Path(exists=True, file_okay=False),
               help="Image folder laid out as DIR/<class>/*: new or existing class names.")
+@skip_bad_option
 @click.option("--json", "as_json", is_flag=True)
 @max_pixels_option
 @friendly_errors
-def add(run_dir, device, folder, as_json) -> None:
+def add(run_dir, device, folder, skip_bad_images, as_json) -> None:
     """Write labelled images into a run's memory and index with its trained encoder (no training)."""
+    skipped = [] if skip_bad_images else None
     with RunDir(run_dir, log).lock() as run:
         clf = load(run, device)
         before, cells = list(clf.classes), clf.memory.size
-        added = clf.add_folder(folder)
-        if not clf.save(once=True):  # a retry of an add that committed: it adds nothing twice
+        added = clf.add_folder(folder, skipped)
+        if not added or not clf.save(once=True):  # a retry of an add that committed: it adds nothing twice
             added, clf.classes = 0, before
     report({"added": added, "cells": cells + added, "new_classes": clf.classes[len(before):],
             "classes": clf.classes}, as_json)
+    list_skipped(skipped or [])
 
 
 @main.command()
@@ -302,7 +262,9 @@ def forget(run_dir, device, class_name, source, cells, as_json) -> None:
         clf = load(run, device)
         cells = clf.memory.size
         forgotten = clf.forget(class_name, source, numbers)
-        if not clf.save(once=True):  # a retry of a forget that committed: it removes nothing more
+        if not forgotten:  # nothing matched: the run stays as it is, with no new generation
+            log("nothing matched: nothing forgotten, nothing committed")
+        elif not clf.save(once=True):  # a retry of a forget that committed: it removes nothing more
             forgotten = 0
     report({"forgotten": forgotten, "cells": cells - forgotten}, as_json)
 
@@ -371,6 +333,29 @@ def index_stats(run_dir, device, topk, queries, data_dir, as_json) -> None:
 
     clf = load(run_dir, device)
     report(stats(clf, run_data(clf, data_dir, log), topk, queries), as_json)
+
+
+@main.command()
+@run_options
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object on stdout.")
+@friendly_errors
+def info(run_dir, device, as_json) -> None:
+    """What a run is: data set, encoder, classes and their cells, memory and its sources, index, read, history."""
+    from sam_cls.info import info_text, run_info
+
+    result = run_info(load(run_dir, device))
+    click.echo(json.dumps(result) if as_json else info_text(result))
+
+
+@main.command()
+@click.argument("folder", default=".", type=click.Path(file_okay=False))
+@friendly_errors
+def examples(folder) -> None:
+    """Write the quick start's images into FOLDER: digit0.png, digit1.png, letters/x/ and more-x/."""
+    from sam_cls.examples import write_examples
+
+    for path in write_examples(folder):
+        click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

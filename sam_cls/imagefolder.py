@@ -24,6 +24,16 @@ from sam_cls.files import open_file
 _CACHE_VERSION = 2
 
 
+class _ImageFolder(tvd.ImageFolder):
+    """torchvision's ImageFolder, but a hidden folder (.ipynb_checkpoints, .git) is not a class."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
 def _writable(folder: Path) -> bool:
     # root ignores permission bits, so os.access alone would say yes to a copy deliberately shipped without
     # write bits (as shared data sets are): honour the bits as the owner's "read-only" intent too.
@@ -120,7 +130,7 @@ def load_imagefolder(root: Path, log: Callable[[str], None], skip_bad_images: bo
     folders = {}
     for split in ("train", "test"):
         try:
-            folders[split] = tvd.ImageFolder(str(root / split))  # only lists files; we decode them below
+            folders[split] = _ImageFolder(str(root / split))  # only lists files; we decode them below
         except (OSError, ValueError) as e:
             raise DatasetError(f"imagefolder: no images in {root / split} ({_one_line(e)}); {layout}; "
                                "pass --data-dir DIR pointing at such a folder") from None

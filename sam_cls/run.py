@@ -56,6 +56,7 @@ def evaluate_run(clf: MemoryClassifier, data: Dataset, topk: int | None = None, 
         from sam_cls.plots import confusion_png
 
         confusion_png(confusion, clf.classes, plot)
+        clf.run.log(f"wrote {plot}")
     return {"accuracy": round(100.0 * (predicted == truth).float().mean().item(), 3),
             "top5": round(100.0 * (ranked == truth[:, None]).any(1).float().mean().item(), 3),
             "topk": topk, "n": len(truth), "read": rule.as_dict(), "per_class": per_class}
@@ -137,7 +138,9 @@ def rebuild_run_index(clf: MemoryClassifier, params: IndexParams, log=print) -> 
 
 def index_stats(clf: MemoryClassifier, data: Dataset, topk: int | None = None, queries: int = 1000) -> dict:
     """Recall@K of the run's saved index against exact search, on queries from the run's test images."""
-    k = min(topk or max(clf.cfg.topk, 1), clf.memory.size)
+    k = min(max(clf.cfg.topk, 1), clf.memory.size) if topk is None else topk
+    if not 1 <= k <= clf.memory.size:
+        raise ConfigError(f"--topk {k} must be between 1 and the memory's {clf.memory.size} cells")
     q = encode_all(clf.encoder, data.test_x[:queries], clf.cfg.eval_batch_size)
     stats = recall_at_k(clf.index, clf.memory.embeddings, q, k)
     index = clf.index
@@ -145,10 +148,15 @@ def index_stats(clf: MemoryClassifier, data: Dataset, topk: int | None = None, q
 
 
 def explain_picture(clf: MemoryClassifier, image, rows: list[dict], path: str | Path, log=print) -> None:
-    """The query beside the cells it read, each captioned with its label and softmax weight."""
-    from sam_cls.images import to_batch
+    """The query beside the cells it read, each captioned with its label and softmax weight; a neighbour whose
+    image is no longer where the run found it is drawn crossed out, and said so."""
     from sam_cls.plots import neighbour_grid
 
-    query = to_batch(image, clf.image_shape)[0]
+    query = clf.images(image)[0]
     neighbours = clf.cell_images([row["cell"] for row in rows], log)
+    missing = [row["source"] for row, n in zip(rows, neighbours, strict=True) if n is None]
+    if missing:
+        log(f"warning: the images of {len(missing)} of {len(rows)} neighbours are not where the run found them "
+            f"(first: {missing[0]}): moved, deleted or given from Python, they are drawn crossed out")
     neighbour_grid(query, neighbours, [f"{row['label']}\nw {row['weight']:.2f}" for row in rows], path)
+    log(f"wrote {path}")

@@ -1,5 +1,6 @@
 """Training: the encoder by backprop through memory reads, the memory by its mode's writes, the index by refresh."""
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from sam_cls.config import Config, ConfigError, TrainingError, make_config
 from sam_cls.copies import cell_images, deform, encode_cells
 from sam_cls.data import Dataset, augment
 from sam_cls.evaluate import encode_all
+from sam_cls.images import background_level
 from sam_cls.index import IndexRefresher
 from sam_cls.memory import MemoryBank
 from sam_cls.modes import lays_out_memory, make_mode
@@ -86,7 +88,8 @@ class Trainer:
             **({"index_centroids": centroids} if centroids is not None else {}),
             # What using the run needs without its data set: class names and the input shape.
             "data": {"name": self.cfg.dataset, "classes": list(self.data.classes),
-                     "image_shape": list(self.data.image_shape), "train_images": len(self.train_y)},
+                     "image_shape": list(self.data.image_shape), "train_images": len(self.train_y),
+                     "background": background_level(self.data.train_x)},  # for transparent images
             "step": self.step, "epoch": self.epoch, "train_seconds": self.train_seconds, "history": list(self.history),
             "device_type": self.device.type,
             "network": self.encoder.recipe,  # how to build the network again: the weights above are all it keeps
@@ -350,24 +353,47 @@ def rebuild_policy(cfg: Config) -> int | str | None:
     return every if every in ("auto", None) else int(every)
 
 
-def fresh_run_dir(cfg: Config) -> Path:
-    """runs/<dataset>-<encoder>-k<K>, with -2, -3, ... appended rather than overwrite an earlier run."""
+def fresh_run_dir(cfg: Config, log=print) -> Path:
+    """runs/<dataset>-<encoder>-k<K>, with -2, -3, ... appended rather than overwrite an earlier run (and said,
+    since the commands after it name the directory)."""
     base = Path("runs") / f"{cfg.dataset}-{cfg.encoder}-k{cfg.topk}"
     path, n = base, 1
     while (path / "checkpoint.pt").exists():
         n += 1
         path = base.with_name(f"{base.name}-{n}")
+    if path != base:
+        log(f"{base} holds a run already: this one is written to {path} (--out RUN_DIR names the directory)")
     return path
 
 
 def train(cfg: Config, resume: bool = False, log=print, **given) -> dict:
     """Train a new run (or, with resume, continue the run in cfg.out under cfg); returns the last epoch's summary.
-    given: Trainer's `data` and `module`, where Python hands them over (sam_cls.fit)."""
+    given: Trainer's `data` and `module`, where Python hands them over (sam_cls.fit). A run that fails before its
+    first commit leaves no folder it created behind."""
     if resume and not cfg.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-    run = RunDir(cfg.out or fresh_run_dir(cfg))
+    run = RunDir(cfg.out or fresh_run_dir(cfg, log))
     cfg.out = str(run.path)
-    return _fit(run, lambda state: cfg, resume, log, **given)
+    created = _missing(run.path) + _missing(Path(cfg.data_dir))
+    try:
+        return _fit(run, lambda state: cfg, resume, log, **given)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _missing(path: Path) -> list[Path]:
+    """path and those of its parents that do not exist yet."""
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run created that hold nothing but its lock's record, deepest first."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:
+            with contextlib.suppress(OSError):  # another process wrote there since: it is not ours to remove
+                (folder / ".lock").unlink(missing_ok=True)
+                folder.rmdir()
 
 
 def resume(out: str, log=print, **overrides) -> dict:

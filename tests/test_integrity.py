@@ -346,7 +346,7 @@ def test_a_checkpoint_that_may_not_be_read_is_a_permission_error_not_damage(run)
 def test_a_newline_in_a_class_name_keeps_predict_to_one_line_an_image(run, tmp_path):
     image_folder(tmp_path / "new", name="two\nlines")
     assert cli("add", "--run", run, "--device", "cpu", "--data", tmp_path / "new").exit_code == 0
-    r = cli("predict", "--run", run, "--device", "cpu", "--topk", 6, tmp_path / "new" / "two\nlines" / "0.png")
+    r = cli("predict", "--run", run, "--device", "cpu", "--top", 6, tmp_path / "new" / "two\nlines" / "0.png")
     assert r.exit_code == 0 and len(r.stdout.splitlines()) == 1 and "two\\nlines" in r.stdout, r.output
 
 

@@ -137,8 +137,8 @@ def test_a_run_without_a_stored_read_predicts_as_it_did(tmp_path):
     # The read before rules existed: the index's K cells, a softmax at the run's temperature, summed per class.
     _, ids = clf.index.search(u, 32)
     before = sparse_read(u, ids, clf.memory.embeddings, clf.memory.labels, len(clf.classes), 0.05)
-    torch.testing.assert_close(clf.predict_log_proba(x), before)
-    assert torch.equal(clf.predict(x), before.argmax(1))
+    torch.testing.assert_close(clf.predict_log_proba(x, torch=True), before)
+    assert torch.equal(clf.predict(x, torch=True), before.argmax(1))
 
 
 def test_deformed_queries_are_fresh_seeded_deformations(tmp_path):

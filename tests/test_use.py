@@ -57,11 +57,11 @@ def test_python_predict_agrees_with_evaluate(trained):
     clf = sam_cls.load(run, device="cpu")
     assert clf.classes == ["ant", "bee", "cat"] and clf.image_shape == (3, 12, 12)
     data = run_data(clf, log=quiet)
-    predicted = clf.predict(data.test_x)
+    predicted = clf.predict(data.test_x, torch=True)
     measured = evaluate_run(clf, data)
     assert measured["accuracy"] == pytest.approx(100.0 * (predicted == data.test_y).float().mean().item(), abs=1e-3)
     assert measured["accuracy"] == RunDir(run).load_metrics()[-1]["test_acc"]  # what training reported
-    proba = clf.predict_proba(data.test_x[:5])
+    proba = clf.predict_proba(data.test_x[:5], torch=True)
     torch.testing.assert_close(proba.sum(1), torch.ones(5))
     sims, cells = clf.kneighbors(data.test_x[:5], 3)
     assert sims.shape == cells.shape == (5, 3) and (sims[:, :-1] >= sims[:, 1:]).all()  # nearest first
@@ -77,7 +77,7 @@ def test_predict_needs_no_training_data_and_takes_any_image(trained, tmp_path):
     try:
         files = [tmp_path / "elsewhere" / "test" / "bee" / f.name for f in files]
         clf = sam_cls.load(moved, device="cpu")
-        assert torch.equal(clf.predict(files), before)
+        assert np.array_equal(clf.predict(files), before)
         # A grey image into an RGB run, and a larger one: converted and resized as training's were.
         grey = tmp_path / "grey.png"
         Image.open(files[0]).convert("L").save(grey)
@@ -126,7 +126,7 @@ def test_a_balanced_read_lifts_a_class_added_from_few_examples(run_copy, tmp_pat
     files = sorted((new_class_folder(tmp_path / "new", n=2) / "dog").iterdir())
     clf.add(files[:1], ["dog"])  # one cell against ~30 of each trained class
     dog = clf.classes.index("dog")
-    plain, balanced = clf.predict_proba(files[1:]), clf.predict_proba(files[1:], balanced=True)
+    plain, balanced = clf.predict_proba(files[1:], torch=True), clf.predict_proba(files[1:], balanced=True, torch=True)
     torch.testing.assert_close(balanced.sum(1), torch.ones(1))
     assert balanced[0, dog] > plain[0, dog]
     # Every class weighed by its cell count: on equal counts the balanced read is the read as trained.
@@ -214,7 +214,7 @@ def cli(*args, ok=True):
 def test_cli_predict_explain_add_forget_evaluate(run_copy, trained, tmp_path):
     _, images = trained
     files = sorted((images / "test" / "cat").iterdir())[:2]
-    out = cli("predict", "--run", run_copy, *files, "--json", "--topk", "2").stdout.strip().splitlines()
+    out = cli("predict", "--run", run_copy, *files, "--json", "--top", "2").stdout.strip().splitlines()
     first = json.loads(out[0])
     assert len(out) == 2 and first["path"] == str(files[0]) and len(first["top"]) == 2
     assert sum(t["probability"] for t in first["top"]) <= 1.0 + 1e-6
