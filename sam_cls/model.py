@@ -129,8 +129,9 @@ def build_encoder(
 ) -> Encoder:
     """The encoder; with `num_classes`, also a linear head so it can be trained as a plain softmax classifier;
     `module`: the user network of `--encoder module` (sam_cls.fit)."""
-    body = build_body(name, image_shape, dim, module)
+    # The head first: weights are drawn in the order runs trained before drew them, so a seed gives the same net.
     head = nn.Linear(dim, num_classes) if num_classes else None
+    body = build_body(name, image_shape, dim, module)
     encoder = Encoder(body, mean, std, head)
     encoder.recipe = recipe(name, image_shape, module)
     return encoder
