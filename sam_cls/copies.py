@@ -17,6 +17,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from sam_cls.evaluate import encode_batch
+
 # ----------------------------------------------------------------------------- hyper-parameters, all here
 # Elastic field: a smooth random displacement, uniform in +-ELASTIC_SHIFT (of the image side) at knots every
 # ELASTIC_SPACING of the side, bicubic in between: the scale of Simard et al.'s (2003) alpha 34, sigma 4 on
@@ -105,6 +107,7 @@ def encode_cells(encoder: nn.Module, images: torch.Tensor, copies: int, seed: in
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
+    batch_size = encode_batch(batch_size, device)
     total = copies * len(images)
     if not 0 <= start < total:
         raise ValueError(f"cells {start}.. are not in a memory of {total} cells")

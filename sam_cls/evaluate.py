@@ -18,6 +18,16 @@ from sam_cls.read import (
     sparse_read,
 )
 
+# On a CPU an encoding batch's activations should stay in the caches: conv1 and cnn encode two to three times the
+# images a second in batches of 128 as in batches of 1024 (docs/PERFORMANCE.md, "Where a whole run's time goes").
+# A GPU wants the larger batch, to fill it.
+CPU_ENCODE_BATCH = 128
+
+
+def encode_batch(batch_size: int, device: torch.device) -> int:
+    """Images an encoder pass takes at once: the asked batch on a GPU, at most CPU_ENCODE_BATCH on a CPU."""
+    return batch_size if device.type == "cuda" else min(batch_size, CPU_ENCODE_BATCH)
+
 
 @torch.no_grad()
 def encode_all(encoder: Encoder, images: torch.Tensor, batch_size: int, desc: str = "encode",
@@ -27,6 +37,7 @@ def encode_all(encoder: Encoder, images: torch.Tensor, batch_size: int, desc: st
     encoder.eval()
     device = next(encoder.parameters()).device
     fn = fn or encoder
+    batch_size = encode_batch(batch_size, device)
     chunks = [
         fn(images[i : i + batch_size].to(device))
         for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch")

@@ -23,7 +23,6 @@ from sam_cls.backbones import USER_MODULE
 from sam_cls.classifier import MemoryClassifier, load
 from sam_cls.config import ConfigError, make_config
 from sam_cls.data import PYTHON, Dataset, in_memory
-from sam_cls.train import train as train_run
 
 # Given by fit's own arguments, never as options.
 _SET_BY_FIT = {"encoder": "the first argument", "dataset": "train", "data_dir": "train"}
@@ -63,6 +62,8 @@ def fit(encoder: str | nn.Module, train, test=None, *, log=print, **options) -> 
         data = as_dataset(train, test)
         source = {"dataset": PYTHON}
     cfg = make_config(None, encoder=USER_MODULE if module is not None else encoder, **source, **options)
+    from sam_cls.train import train as train_run  # here: `import sam_cls` to use a run never loads training
+
     train_run(cfg, log=log, data=data, module=module)
     return load(cfg.out, device=cfg.device, log=log, encoder=module)
 
