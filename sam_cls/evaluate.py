@@ -156,9 +156,11 @@ def accuracy(
     batch_size: int = 1024,
     rule: ReadRule | None = None,
     facts: CellFacts | None = None,
+    embeddings: torch.Tensor | None = None,
 ) -> float:
-    """Percent of `images` whose most probable class under the memory read is their label."""
-    u = encode_all(encoder, images, batch_size, desc="test")
+    """Percent of `images` whose most probable class under the memory read is their label (`embeddings`: the
+    images' own, where the caller encoded them already)."""
+    u = encode_all(encoder, images, batch_size, desc="test") if embeddings is None else embeddings
     rule = rule or ReadRule(topk, temperature)
     if facts is None and (rule.alpha or rule.class_k or rule.per_source):
         facts = CellFacts.of(memory.labels, num_classes)

@@ -46,11 +46,13 @@ class MemoryRead:
         with phase("memory write"):
             self.memory.write(idx, u, self.cfg.eta, step)
 
-    def accuracy(self, data: Dataset) -> float:
+    def accuracy(self, data: Dataset, embeddings: torch.Tensor | None = None) -> float:
+        """Test accuracy under the current rule; `embeddings`: the test split's, where the caller has them."""
         cfg = self.cfg
         return accuracy(self.encoder, data.test_x, data.test_y, self.memory, self.refresher.index, cfg.topk,
                         self.num_classes, cfg.temperature, cfg.eval_batch_size, self.rule,
-                        self.facts() if self.rule.alpha or self.rule.class_k or self.rule.per_source else None)
+                        self.facts() if self.rule.alpha or self.rule.class_k or self.rule.per_source else None,
+                        embeddings)
 
     def facts(self) -> CellFacts:
         """Class sizes and each cell's source image (cell c * N + e is copy c of image e), for the read rules."""

@@ -275,23 +275,24 @@ class Trainer:
         """Whether the epoch just ended is the run's last (by epochs or by --max-seconds)."""
         return self.step >= self.total_steps or self.out_of_time()
 
-    def tune_read(self) -> dict:
-        """Choose and keep the read predictions will use (sam_cls/tune.py); what the metrics line records of it."""
+    def tune_read(self) -> tuple[dict, torch.Tensor | None]:
+        """Choose and keep the read predictions will use (sam_cls/tune.py): what the metrics line records of it,
+        and the test split's embeddings, for the epoch's test read to classify again under the tuned rule."""
         mode, cfg = self.mode, self.cfg
         if not cfg.tune_read or cfg.head != "memory" or not self.tunes_read:
-            return {}
+            return {}, None
         start = time.perf_counter()
         facts = mode.facts()
-        validation = None
-        if cfg.validation:  # the held-out share is the data set's test split here (setup.get_dataset)
-            u = encode_all(self.encoder, self.data.test_x, cfg.eval_batch_size, desc="validation")
-            validation = (u, self.data.test_y.to(u.device))
-        as_trained = mode.accuracy(self.data)
+        # Encoded once: the read as trained, the tuning's held-out share (with --validation, the data set's test
+        # split is that share: setup.get_dataset) and the tuned test read all classify these.
+        u = encode_all(self.encoder, self.data.test_x, cfg.eval_batch_size, desc="test")
+        validation = (u, self.data.test_y.to(u.device)) if cfg.validation else None
+        as_trained = mode.accuracy(self.data, u)
         self.read = tune_memory(self.memory, self.refresher.index, mode.rule, self.data.num_classes, facts,
                                 validation, cfg.seed)
         mode.rule = ReadRule.from_dict(self.read["rule"])
         self.log(f"read tuned in {time.perf_counter() - start:.1f}s: {self.read['rule']}")
-        return {"test_acc_as_trained": round(as_trained, 3), "read": self.read["rule"]}
+        return {"test_acc_as_trained": round(as_trained, 3), "read": self.read["rule"]}, u
 
     def save(self, run: RunDir) -> None:
         state = self.state_dict()
@@ -333,9 +334,9 @@ class Trainer:
         with phase("rebuild"):  # the evaluation depth by measured recall, unless --nprobe fixed it
             self.refresher.rebuild("evaluation", calibrate=self.cfg.nprobe is None)
         with phase("tune read"):
-            tuned = self.tune_read() if self.finished() else {}
+            tuned, test_u = self.tune_read() if self.finished() else ({}, None)
         with phase("test"):
-            test_acc = self.mode.accuracy(self.data)
+            test_acc = self.mode.accuracy(self.data) if test_u is None else self.mode.accuracy(self.data, test_u)
         record = {**record, "test_acc": round(test_acc, 3), "seconds": round(time.perf_counter() - start, 2),
                   "index_rebuilds": self.refresher.rebuilds - rebuilds_before, **tuned}
         self.history.append(record)

@@ -10,24 +10,13 @@ from PIL import Image
 from torchvision.transforms import ToTensor
 
 import sam_cls
-from sam_cls.config import make_config
 from sam_cls.data import DatasetError, load_dataset
 from sam_cls.images import decode
-from sam_cls.train import train
 
 
 @pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory):
-    """A 1-epoch linear run on mnist-mini (white digits on black), a few seconds on a CPU."""
-    out = tmp_path_factory.mktemp("inputs") / "run"
-    train(make_config(None, encoder="linear", dim=16, topk=16, epochs=1, device="cpu", out=str(out),
-                      tune_read=False), log=lambda _: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def clf(mnist_run):
-    return sam_cls.load(mnist_run, device="cpu")
+def clf(mini_linear_run):
+    return sam_cls.load(mini_linear_run, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +135,9 @@ def test_exif_orientation_and_palettes_are_applied(digits):
     assert palette.mode == "P" and decode(palette).shape == (1, 3, 28, 28)
 
 
-def test_an_image_far_smaller_than_the_input_is_a_warning(mnist_run, tmp_path):
+def test_an_image_far_smaller_than_the_input_is_a_warning(mini_linear_run, tmp_path):
     lines = []
-    clf = sam_cls.load(mnist_run, device="cpu", log=lines.append)
+    clf = sam_cls.load(mini_linear_run, device="cpu", log=lines.append)
     Image.new("L", (1, 1), 255).save(tmp_path / "dot.png")
     clf.predict(tmp_path / "dot.png")
     assert any("dot.png is 1x1, far smaller than the run's 28x28 input" in line for line in lines)

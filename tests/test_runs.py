@@ -14,25 +14,14 @@ from PIL import Image
 import sam_cls
 from sam_cls.checkpoint import load_tensors
 from sam_cls.cli import main
-from sam_cls.config import make_config
 from sam_cls.data import load_dataset
 from sam_cls.imagefolder import load_imagefolder
 from sam_cls.plots import confusion_figure
-from sam_cls.train import train
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 1-epoch linear run on mnist-mini, a few seconds on a CPU."""
-    out = tmp_path_factory.mktemp("runs") / "run"
-    train(make_config(None, encoder="linear", dim=16, topk=16, epochs=1, device="cpu", out=str(out),
-                      tune_read=False), log=lambda _: None)
-    return out
 
 
 @pytest.fixture
-def run(trained, tmp_path):
-    return shutil.copytree(trained, tmp_path / "run")
+def run(mini_linear_run, tmp_path):
+    return shutil.copytree(mini_linear_run, tmp_path / "run")
 
 
 def cli(*args, code=0):
