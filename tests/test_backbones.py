@@ -129,6 +129,8 @@ def test_freeze_backbone_trains_the_projection_only(tmp_path, digits, weights_fi
     assert all(torch.equal(kept[k], given[k]) for k in backbone)  # weights and BatchNorm statistics
     fresh = torchvision_body(NET, (3, 32, 32), 16).net.fc.weight
     assert not torch.equal(kept["fc.weight"], fresh)  # the projection did train (and was not reset)
+    thawed = error_line(run("train", "--no-freeze-backbone", "--epochs", "2", "--resume", "--out", out, ok=False))
+    assert "freeze_backbone=True" in thawed  # a frozen run resumes frozen (its own config), or not at all
     run("train", *digits, "--encoder", NET, "--init-weights", weights_file, "--epochs", "1", "--out", tmp_path / "all")
     unfrozen = network_weights(load_tensors(tmp_path / "all" / "checkpoint.pt"))
     assert not torch.equal(unfrozen["conv1.0.weight"], given["conv1.0.weight"])  # without it the backbone moves
