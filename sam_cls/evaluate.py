@@ -18,9 +18,8 @@ from sam_cls.read import (
     sparse_read,
 )
 
-# On a CPU an encoding batch's activations should stay in the caches: conv1 and cnn encode two to three times the
-# images a second in batches of 128 as in batches of 1024 (docs/PERFORMANCE.md, "Where a whole run's time goes").
-# A GPU wants the larger batch, to fill it.
+# On a CPU an encoding batch's activations should stay in the caches: conv1 and cnn encode more images a second
+# in batches of 128 than of 1024 (results/encode_batch.json). A GPU wants the larger batch, to fill it.
 CPU_ENCODE_BATCH = 128
 
 
