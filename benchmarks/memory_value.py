@@ -20,6 +20,9 @@ Writes results/memory_value.json and results/memory_value.png. --work keeps the 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -54,6 +57,7 @@ DEFORM_SHARE = 0.5  # --deform-queries of the deformed-query encoders
 COPIES = "1,10,50"  # --copies; 167 on MNIST makes 1e7 cells (benchmarks/large_memory.py's largest)
 POOL = 1024  # exact reads: each test image's nearest cells (and source images) kept for every rule
 HEAD_ITERS = 200  # L-BFGS iterations of a refit head
+THIN_SHARES, THIN_CELLS = (0.1, 0.5), 100  # --thin-classes / --thin-cells of the new-classes part's thinned runs
 
 
 def rules(base: ReadRule, tuned: ReadRule, copies: int = 1) -> dict[str, ReadRule]:
@@ -282,19 +286,30 @@ def new_classes_part(name: str, data, work: Path, quick: bool) -> list[dict]:
     if "read" not in base.state:  # a run trained before reads were tuned: tune it as `evaluate --tune` would
         tune_run(base, None, log=lambda line: None)
         base.save()
+    # The same five classes trained with thinned steps (--thin-classes): the encoder learns to read a class of a
+    # few cells, as an added class is read.
+    runs, seconds = {"memory-add": run}, {}
+    for share in THIN_SHARES:
+        method = f"memory-add-thinned-{share}"
+        runs[method], seconds[method] = trained_run(work / "new-classes", f"{name}-memory-thinned-{share}",
+                                                    work / "new-classes" / f"{name}-old", "imagefolder", "", epochs,
+                                                    thin_classes=share, thin_cells=THIN_CELLS)
     out = [r for r in rows if r["method"] == "softmax-finetune"]
     soft = sam_cls.load(work / "new-classes" / f"{name}-softmax", device="cpu").encoder
     train_feats, test_feats = (encode_all(soft, x, 1024, fn=soft.features) for x in (data.train_x, data.test_x))
     for n in N_PER_CLASS:
-        clf = sam_cls.load(run, device="cpu")
         picks = examples(data, new, n, SEED)
-        clf.add(data.train_x[picks], [data.classes[int(c)] for c in data.train_y[picks]])
-        u = clf.encode(data.test_x)
-        for rule_name, rule in rules(as_trained(clf), clf.rule).items():
-            predicted = [clf.classes[int(i)] for i in clf.read(u, **rule.as_dict()).argmax(1)]
-            out.append({"dataset": name, "method": "memory-add", "read_rule": rule_name, "read": rule.as_dict(),
-                        "n_per_class": n or "all", **accuracies(predicted, data, old)})
-            print(out[-1], flush=True)
+        for method, path in runs.items():
+            clf = sam_cls.load(path, device="cpu")
+            clf.add(data.train_x[picks], [data.classes[int(c)] for c in data.train_y[picks]])
+            u = clf.encode(data.test_x)
+            for rule_name, rule in rules(as_trained(clf), clf.rule).items():
+                predicted = [clf.classes[int(i)] for i in clf.read(u, **rule.as_dict()).argmax(1)]
+                out.append({"dataset": name, "method": method, "read_rule": rule_name, "read": rule.as_dict(),
+                            "n_per_class": n or "all", **accuracies(predicted, data, old)})
+                if method in seconds:
+                    out[-1]["train_seconds"] = round(seconds[method], 1)
+                print(out[-1], flush=True)
         # A head refit from scratch on the softmax network's frozen features: every old example replayed.
         replay = torch.cat([examples(data, old, None, SEED), picks])
         start = time.perf_counter()
@@ -337,6 +352,7 @@ def plot(report: dict, path: Path) -> None:
     axes[1].set_ylabel("test error (%)")
     for name in sorted({r["dataset"] for r in report.get("new_classes", [])}):
         for method, rule, style in (("memory-add", "tuned (default)", "-o"), ("memory-add", "as trained", ":o"),
+                                    *((f"memory-add-thinned-{share}", "tuned (default)", "-D") for share in THIN_SHARES),
                                     ("softmax-finetune", None, "--s"), ("softmax-replay-refit", None, "-.^")):
             pts = [r for r in report["new_classes"] if r["dataset"] == name and r["method"] == method
                    and r.get("read_rule") == rule]
@@ -351,6 +367,15 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def kept_from(before: dict, parts: list[str], datasets: list[str], copies: list[int]) -> dict:
+    """The rows of an earlier report that this run does not measure again, each with the command that made it."""
+    def again(key: str, row: dict) -> bool:
+        return key in parts and row["dataset"] in datasets and (key != "copies" or row["copies"] in copies)
+
+    return {key: [{"command": before["command"], **r} for r in before.get(key, []) if not again(key, r)]
+            for key in ("grown", "copies", "new_classes")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data", help="holds MNIST/raw and cifar10-jpeg/")
@@ -362,10 +387,14 @@ def main() -> None:
     parser.add_argument("--work", help="keep the trained runs here and reuse them (default: a temporary folder)")
     args = parser.parse_args()
     parts, report = args.parts.split(","), {"grown": [], "copies": [], "new_classes": []}
-    copies = [int(c) for c in args.copies.split(",")]
     out = Path(args.out)
+    copies = [int(c) for c in args.copies.split(",")]
+    if out.is_file():  # a partial re-run replaces only the parts and data sets it measures
+        report = kept_from(json.loads(out.read_text()), [p.replace("-", "_") for p in parts],
+                           args.datasets.split(","), copies)
     report["settings"] = {"epochs": EPOCHS, "small_epochs": SMALL_EPOCHS, "deform_queries": DEFORM_SHARE,
-                          "pool": POOL, "head_iters": HEAD_ITERS, "quick": args.quick, "copies": copies}
+                          "pool": POOL, "head_iters": HEAD_ITERS, "quick": args.quick,
+                          "thin_classes": THIN_SHARES, "thin_cells": THIN_CELLS}
     steps = {"new-classes": ("new_classes", lambda name, data, work: new_classes_part(name, data, work, args.quick)),
              "grown": ("grown", lambda name, data, work: grown(name, data, args.data_dir, work, args.quick)),
              "copies": ("copies", lambda name, data, work: copies_part(name, data, args.data_dir, work, args.quick,
@@ -377,7 +406,7 @@ def main() -> None:
                     load_dataset("imagefolder", Path(args.data_dir) / "cifar10-jpeg"))
             for part in parts:
                 key, run_part = steps[part]
-                report[key] += run_part(name, data, work)
+                report[key] += [{"command": shlex.join(["python", *sys.argv]), **r} for r in run_part(name, data, work)]
                 write_report(report, out, quiet=True)  # each part as it ends: a long run keeps what it measured
     plot(report, out.with_suffix(".png"))
     write_report(report, out)

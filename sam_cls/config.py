@@ -101,6 +101,11 @@ class Config:
     deform_queries: float = option(0.0, "Share of training queries replaced by a fresh seeded elastic + affine "
                                    "deformation of their image (the deformations --copies stores), so the encoder "
                                    "learns the invariance a memory of copies needs.", ge=0, le=1)
+    thin_classes: float = option(0.0, "Share of training steps that thin one class's memory to a few cells drawn "
+                                 "at random (at most --thin-cells; its other cells hidden from the read), so the "
+                                 "encoder learns to predict a class added later from a few examples.", ge=0, le=1)
+    thin_cells: int = option(100, "Most cells a thinned class keeps (each thinned step draws 1 to this many, "
+                             "log-uniformly).", ge=1)
     tune_read: bool = option(True, "At the end of training, choose the read (K, temperature, class prior, per-class "
                              "and per-source reads) on the validation share, or on the memory's own cells left one "
                              "out, and store it in the run: predict, evaluate and the API use it.")
@@ -175,6 +180,9 @@ class Config:
         if self.copies > 1 and (self.head != "memory" or self.topk == 0 or self.support_sample):
             raise ConfigError(f"--copies {self.copies} needs the sparse memory read (--head memory, --topk > 0, "
                               "no --support-sample): use --copies 1 with this mode")
+        if self.thin_classes and (self.head != "memory" or self.topk == 0 or self.support_sample):
+            raise ConfigError(f"--thin-classes {self.thin_classes} needs the sparse memory read (--head memory, "
+                              "--topk > 0, no --support-sample): use --thin-classes 0 with this mode")
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
             raise ConfigError(f"--synthetic-shape must be three positive sizes C,H,W, got {self.synthetic_shape}")
         if self.rebuild_every not in ("epoch", "auto") and not (

@@ -2,7 +2,7 @@
 
 Each mode has one small interface, so the training loop has no branches for them:
     embed(x)                 the encoder's output a read needs (embeddings; logits for the softmax head)
-    log_probs(u, idx)        class log-probabilities of the batch of examples idx; own cells never count
+    log_probs(u, idx, step)  class log-probabilities of the batch of examples idx; own cells never count
     after_step(idx, u, step) what the mode writes once the optimiser has stepped
     accuracy(data)           test accuracy of the classifier this mode trains
 """
@@ -19,7 +19,15 @@ from sam_cls.index import IndexRefresher
 from sam_cls.memory import MemoryBank
 from sam_cls.model import Encoder
 from sam_cls.phases import phase
-from sam_cls.read import ReadRule, class_log_probs, dense_read, exclusion_mask, sparse_read
+from sam_cls.read import (
+    ReadRule,
+    class_log_probs,
+    dense_read,
+    exclusion_mask,
+    sparse_read,
+    thin_candidates,
+    thinned_class,
+)
 
 
 class MemoryRead:
@@ -63,7 +71,7 @@ class MemoryRead:
 class DenseMemory(MemoryRead):
     """`--topk 0`: the exact reference, a streamed softmax over every cell but the query's own; no index read."""
 
-    def log_probs(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, u: torch.Tensor, idx: torch.Tensor, step: int = 0) -> torch.Tensor:
         mem = self.memory
         return dense_read(u, mem.embeddings, mem.labels, self.num_classes, self.cfg.temperature,
                           exclude_ids=mem.rows[idx])
@@ -81,22 +89,30 @@ class SparseMemory(MemoryRead):
         # so that step leaves the NaN to the trainer's loss check rather than wait for the GPU every step.
         return super().checks_finite(u) or not self.refresher.index.searches_non_finite
 
-    def log_probs(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, u: torch.Tensor, idx: torch.Tensor, step: int = 0) -> torch.Tensor:
         copies = self.cfg.copies
         # K + copies candidates so that dropping the query's own cells (its image and its deformed copies: a
         # near-duplicate would make the loss trivial) still leaves K.
         with phase("search"):
             _, ids = self.refresher.search(u.detach(), self.cfg.topk + copies)
         ids = ids.to(u.device)
-        if copies == 1:  # the batch's own rows: the memory keeps its index's layout, not examples'
-            own = self.memory.rows[idx]
-        else:  # cell c * N + e is copy c of image e: own cells share e
-            n = self.memory.size // copies
-            own = self.memory.example_ids[ids] % n == (idx % n).unsqueeze(1)
-        exclude = exclusion_mask(ids, own, self.cfg.topk)
+        exclude = exclusion_mask(ids, self.own_cells(ids, idx), self.cfg.topk)
+        kept = (thinned_class(self.memory.labels, self.cfg.thin_classes, self.cfg.thin_cells, self.cfg.seed, step)
+                if self.cfg.thin_classes else None)
+        if kept is not None:
+            ids, exclude = thin_candidates(ids, exclude, self.memory.labels, kept,
+                                           self.own_cells(kept.expand(len(ids), -1), idx))
         with phase("read forward"):
             return sparse_read(u, ids, self.memory.embeddings, self.memory.labels, self.num_classes,
                                self.cfg.temperature, exclude=exclude)
+
+    def own_cells(self, ids: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, F) mask of the candidate cells that are each query's own: its image's cell and every copy of it."""
+        copies = self.cfg.copies
+        if copies == 1:  # the batch's own rows: the memory keeps its index's layout, not examples'
+            return ids == self.memory.rows[idx].unsqueeze(1)
+        n = self.memory.size // copies  # cell c * N + e is copy c of image e: own cells share e
+        return self.memory.example_ids[ids] % n == (idx % n).unsqueeze(1)
 
     def after_step(self, idx: torch.Tensor, u: torch.Tensor, step: int) -> None:
         self.write(idx, u, step)
@@ -115,7 +131,7 @@ class SupportSample(MemoryRead):
         # The batch-order generator: a resumed run continues the support stream where the checkpoint left it.
         self.train_y, self.batch, self.generator = train_y, batch, generator
 
-    def log_probs(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, u: torch.Tensor, idx: torch.Tensor, step: int = 0) -> torch.Tensor:
         support = torch.randperm(len(self.train_y), generator=self.generator)[: self.cfg.support_sample]
         support = support.to(u.device)
         s = self.encoder(self.batch(support))
@@ -132,7 +148,7 @@ class SoftmaxHead(MemoryRead):
     def checks_finite(self, u: torch.Tensor) -> bool:
         return False  # logits are never searched: the loss check catches a divergence
 
-    def log_probs(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, u: torch.Tensor, idx: torch.Tensor, step: int = 0) -> torch.Tensor:
         return F.log_softmax(u, dim=1)
 
     def accuracy(self, data: Dataset) -> float:

@@ -5,6 +5,7 @@ over all N cells, streamed in chunks with a running max so it never holds a B x 
 """
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -128,6 +129,38 @@ def exclusion_mask(ids: torch.Tensor, own: torch.Tensor, k: int | None = None) -
     # instead, so every training read averages over the same number of cells.
     mask |= (~mask).cumsum(dim=1) > k
     return mask
+
+
+def thinned_class(labels: torch.Tensor, share: float, most: int, seed: int, step: int) -> torch.Tensor | None:
+    """The cells one class keeps in a thinned training step, or None: train as a class added from a few examples
+    is read (Gidaris & Komodakis's "fake novel" classes, drawn from the memory's own)."""
+    # A pure function of (seed, step): a resumed run thins exactly as an unbroken one, and no generator state
+    # needs a place in the checkpoint.
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if torch.rand((), generator=gen) >= share:
+        return None
+    classes = labels.unique()
+    c = classes[torch.randint(len(classes), (), generator=gen)]
+    cells = torch.nonzero(labels == c).squeeze(1)
+    # 1 to `most` cells, log-uniform: a class of 1, 5, 20 or 100 examples is each as likely a lesson.
+    keep = min(most, int(math.exp(float(torch.rand((), generator=gen)) * math.log(most + 1))))
+    return cells[torch.randperm(len(cells), generator=gen)[:keep].to(cells.device)]
+
+
+def thin_candidates(ids: torch.Tensor, exclude: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor,
+                    own_kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates of a thinned step: the class's searched cells hidden, its kept cells scored for every query.
+
+    A class of a few cells is rarely among a shared top K (read.py's per-class read answers that at test time),
+    so the kept cells join every query's candidates; own_kept (B, n) masks a query's own cells among them.
+    """
+    hidden = exclude | (labels[ids] == labels[kept[0]])
+    ids = torch.cat([ids, kept.to(ids.device).expand(len(ids), -1)], dim=1)
+    thinned = torch.cat([hidden, own_kept], dim=1)
+    # A query with nothing left to read (every candidate of the thinned class and the kept cells its own)
+    # reads its step unthinned rather than a softmax over nothing.
+    empty = thinned.all(dim=1, keepdim=True)
+    return ids, torch.where(empty, torch.cat([exclude, torch.ones_like(own_kept)], dim=1), thinned)
 
 
 def _chunk_scores(u, memory, start, stop, temperature, exclude_ids):

@@ -224,7 +224,7 @@ class Trainer:
         """Class log-probabilities of the batch through the mode's read; a non-finite embedding stops the run."""
         if self.mode.checks_finite(u) and not torch.isfinite(u).all():
             raise self.diverged("nan")
-        return self.mode.log_probs(u, idx)
+        return self.mode.log_probs(u, idx, self.step)
 
     def step_loss(self, log_probs: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss to differentiate, and this process's summed NLL (detached) for the epoch's totals."""

@@ -34,7 +34,8 @@ def check_options(cfg: Config, world: int) -> None:
                    # A background build finishes at a different step on each rank, and the ranks' indices
                    # would then rebuild apart: the policy must be decided alike everywhere.
                    "--background-rebuild": cfg.background_rebuild,
-                   "--copies": cfg.copies > 1, "--deform-queries": cfg.deform_queries > 0}
+                   "--copies": cfg.copies > 1, "--deform-queries": cfg.deform_queries > 0,
+                   "--thin-classes": cfg.thin_classes > 0}
     named = [name for name, used in unsupported.items() if used]
     if named:
         raise ConfigError(f"{', '.join(named)} is not supported by distributed training (torchrun); train it in "

@@ -2,17 +2,19 @@
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
 import sam_cls
+from sam_cls.checkpoint import RunDir, load_tensors
 from sam_cls.cli import main
-from sam_cls.config import make_config
+from sam_cls.config import ConfigError, make_config
 from sam_cls.evaluate import CellFacts, classify
 from sam_cls.index import IndexParams, build_index
 from sam_cls.memory import MemoryBank
-from sam_cls.read import ReadRule, rule_log_probs, sparse_read
+from sam_cls.read import ReadRule, rule_log_probs, sparse_read, thin_candidates, thinned_class
 from sam_cls.train import Trainer, train
 
 
@@ -150,6 +152,40 @@ def test_deformed_queries_are_fresh_seeded_deformations(tmp_path):
     changed = (xa != a.train_x[idx]).flatten(1).any(1)
     assert 16 < int(changed.sum()) < 48  # about half of them
     assert not torch.equal(a.batch(idx), xa)  # the next step draws other deformations
+
+
+def test_a_thinned_step_hides_a_class_but_for_a_few_cells_read_by_every_query():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
+    draws = [thinned_class(labels, 1.0, 3, seed=5, step=s) for s in range(40)]
+    assert all(torch.equal(d, thinned_class(labels, 1.0, 3, seed=5, step=s)) for s, d in enumerate(draws))
+    assert all(1 <= len(d) <= 3 and len(set(labels[d].tolist())) == 1 for d in draws)  # one class, a few cells
+    assert {int(labels[d[0]]) for d in draws} == {0, 1, 2} and {len(d) for d in draws} == {1, 2, 3}
+    assert thinned_class(labels, 0.0, 3, seed=5, step=0) is None
+    shares = [thinned_class(labels, 0.3, 3, seed=5, step=s) is not None for s in range(400)]
+    assert 0.2 < sum(shares) / 400 < 0.4
+
+    ids = torch.tensor([[3, 4, 0, 8], [5, 6, 7, 9], [3, 4, 5, 6]])  # searched candidates of 3 queries
+    exclude = torch.tensor([[True, False, False, False], [False] * 4, [False] * 4])  # query 0's own cell: 3
+    kept = torch.tensor([7])  # class 1 thinned to cell 7, which is query 2's own
+    own_kept = torch.tensor([[False], [False], [True]])
+    got, mask = thin_candidates(ids, exclude, labels, kept, own_kept)
+    assert torch.equal(got, torch.cat([ids, torch.full((3, 1), 7)], 1))  # the kept cell joins every query
+    readable = [set(got[b][~mask[b]].tolist()) for b in range(3)]
+    assert readable[0] == {0, 8, 7}  # class 1's searched cells hidden (and 3, its own, stays out)
+    assert readable[1] == {9, 7}  # 7 is read once, as the kept cell
+    assert readable[2] == {3, 4, 5, 6}  # nothing else to read: its step reads unthinned, its own cell still out
+
+
+def test_thinned_training_is_seeded_and_learns(tmp_path):
+    thin = {"thin_classes": 0.5, "thin_cells": 5}
+    runs = [train(config(tmp_path, out=str(tmp_path / name), **kw), log=quiet)
+            for name, kw in (("a", thin), ("b", thin), ("plain", {}))]
+    weights = [torch.cat([w.flatten() for w in load_tensors(RunDir(r["run_dir"]).checkpoint)["encoder"].values()])
+               for r in runs]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    assert runs[0]["test_acc"] > 40  # chance is 20%
+    with pytest.raises(ConfigError, match="--thin-classes 0.5 needs the sparse memory read"):
+        config(tmp_path, thin_classes=0.5, head="softmax")
 
 
 def test_a_new_class_retunes_the_stored_read_and_a_balanced_add_does_not(tmp_path):
