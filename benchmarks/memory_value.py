@@ -288,10 +288,10 @@ def new_classes_part(name: str, data, work: Path, quick: bool) -> list[dict]:
         base.save()
     # The same five classes trained with thinned steps (--thin-classes): the encoder learns to read a class of a
     # few cells, as an added class is read.
-    runs, seconds = {"memory-add": run}, {}
+    runs, train_seconds = {"memory-add": run}, {}
     for share in THIN_SHARES:
         method = f"memory-add-thinned-{share}"
-        runs[method], seconds[method] = trained_run(work / "new-classes", f"{name}-memory-thinned-{share}",
+        runs[method], train_seconds[method] = trained_run(work / "new-classes", f"{name}-memory-thinned-{share}",
                                                     work / "new-classes" / f"{name}-old", "imagefolder", "", epochs,
                                                     thin_classes=share, thin_cells=THIN_CELLS)
     out = [r for r in rows if r["method"] == "softmax-finetune"]
@@ -307,8 +307,8 @@ def new_classes_part(name: str, data, work: Path, quick: bool) -> list[dict]:
                 predicted = [clf.classes[int(i)] for i in clf.read(u, **rule.as_dict()).argmax(1)]
                 out.append({"dataset": name, "method": method, "read_rule": rule_name, "read": rule.as_dict(),
                             "n_per_class": n or "all", **accuracies(predicted, data, old)})
-                if method in seconds:
-                    out[-1]["train_seconds"] = round(seconds[method], 1)
+                if method in train_seconds:
+                    out[-1]["train_seconds"] = round(train_seconds[method], 1)
                 print(out[-1], flush=True)
         # A head refit from scratch on the softmax network's frozen features: every old example replayed.
         replay = torch.cat([examples(data, old, None, SEED), picks])

@@ -102,8 +102,9 @@ class Config:
                                    "deformation of their image (the deformations --copies stores), so the encoder "
                                    "learns the invariance a memory of copies needs.", ge=0, le=1)
     thin_classes: float = option(0.0, "Share of training steps that thin one class's memory to a few cells drawn "
-                                 "at random (at most --thin-cells; its other cells hidden from the read), so the "
-                                 "encoder learns to predict a class added later from a few examples.", ge=0, le=1)
+                                 "at random (at most --thin-cells; its other cells hidden from the read), to train "
+                                 "for classes added later from a few examples (experimental: docs/MEMORY.md "
+                                 "measured no gain).", ge=0, le=1)
     thin_cells: int = option(100, "Most cells a thinned class keeps (each thinned step draws 1 to this many, "
                              "log-uniformly).", ge=1)
     tune_read: bool = option(True, "At the end of training, choose the read (K, temperature, class prior, per-class "
