@@ -3,12 +3,13 @@
 Queries are the run's validation share where it trained with one, else a sample of its memory's own cells read
 leave-one-out (each query's source image excluded, as training reads exclude it), as many of each class as it
 has up to an equal share. Two scores decide:
-  plain    accuracy on the queries against the memory as it is;
+  plain    accuracy on the queries against the memory as it is, each class's queries weighed alike;
   small    where the memory holds small classes (added from a few examples: under SMALL_SHARE of the largest
            class), the harmonic mean of their queries' accuracy and the others'; where it holds none, the same
            for a few classes in turn cut to THIN_CELLS cells (a class added later, simulated on trained ones).
-The chosen rule has the best small-class score among the rules whose plain accuracy is at least the read-as-
-trained's, so a tuned read never loses to the read as trained on the queries it was tuned on.
+Every rule of the grid is tried under every class prior. The chosen rule has the best small-class score among
+the rules whose plain accuracy is at least the read-as-trained's, so a tuned read never loses to the read as
+trained on the queries it was tuned on.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ TEMPERATURE_SCALES = (0.5, 0.7, 1.0, 1.4, 2.0)  # times the trained temperature
 CLASS_KS = (0, 4, 16, 64)
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 THIN_CELLS = 20  # the few-example class the thinned score simulates
-FINALISTS = 3  # rules of each kind, best first by plain accuracy, tried under every class prior
 SMALL_SHARE = 0.25  # a class under this share of the largest class's cells counts as small
 THIN_CLASSES = 4  # classes thinned in turn (a seeded choice)
 
@@ -112,9 +112,15 @@ def stratified(truth: torch.Tensor, num_classes: int, total: int, g: torch.Gener
 
 
 def _accuracy(log_probs: torch.Tensor, truth: torch.Tensor, rows: torch.Tensor | None = None) -> float:
-    right = log_probs.argmax(1) == truth
-    right = right if rows is None else right[rows]
-    return 100.0 * right.float().mean().item() if len(right) else 0.0
+    """Accuracy with each class's queries weighed alike: a class the sample could not give its equal share of
+    queries (a class of a few cells) counts as much as the others, as it does in a test set of equal classes."""
+    right = (log_probs.argmax(1) == truth).float()
+    right, truth = (right, truth) if rows is None else (right[rows], truth[rows])
+    if not len(right):
+        return 0.0
+    queries = torch.bincount(truth, minlength=log_probs.shape[1]).float()
+    per_class = torch.zeros_like(queries).scatter_add_(0, truth, right)[queries > 0] / queries[queries > 0]
+    return 100.0 * per_class.mean().item()
 
 
 def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, base: ReadRule, num_classes: int,
@@ -143,7 +149,7 @@ def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, b
             if not ck or k == topks[0]]
     baseline = plain(base)
     stage1 = {rule: plain(rule) for rule in grid}
-    # Stage 2, small classes: each survivor under every class prior, on the memory's own small classes, or on
+    # Stage 2, small classes: every rule under every class prior, on the memory's own small classes, or on
     # trained classes cut to a few cells where it has none.
     cells = facts.class_cells
     small = ((cells > 0) & (cells < SMALL_SHARE * cells.max())).nonzero().squeeze(1)
@@ -168,17 +174,15 @@ def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, b
             means.append(0.0 if a_c + a_o == 0 else 2 * a_c * a_o / (a_c + a_o))
         return sum(means) / max(1, len(means))
 
-    # The FINALISTS best K and temperature of each kind of read (per-class k, per-source), under every prior.
-    kinds: dict[tuple, list] = {}
-    for rule, acc in sorted(stage1.items(), key=lambda item: -item[1]):
-        if acc >= baseline:
-            kinds.setdefault((rule.class_k, rule.per_source), []).append(rule)
-    finalists = [base] + [replace(rule, alpha=a) for best in kinds.values() for rule in best[:FINALISTS]
-                          for a in ALPHAS]
+    # Every rule of the grid that reads at least as well as the read as trained, under every class prior: K and
+    # the temperature are chosen with the prior, since a class prior that lets small classes in wants a wider,
+    # softer read than the best read without it (a read chosen at alpha 0 and then given a prior leans to the
+    # trained classes; docs/MEMORY.md, "New classes").
+    # Each rule's plain accuracy is its own, prior included: the stored read never loses to the read as trained.
+    finalists = [base, *grid, *(replace(rule, alpha=a) for rule in grid for a in ALPHAS if a)]
     scored = []
     for rule in finalists:
-        acc = stage1.get(rule, None) if not rule.alpha else None
-        acc = plain(rule) if acc is None else acc
+        acc = stage1[rule] if rule in stage1 else plain(rule)
         if acc >= baseline:
             scored.append((small_score(rule), acc, rule))
     # The best small-class score; ties go to the higher plain accuracy, then to the earlier (simpler) rule.

@@ -16,6 +16,7 @@ from sam_cls.index import IndexParams, build_index
 from sam_cls.memory import MemoryBank
 from sam_cls.read import ReadRule, rule_log_probs, sparse_read, thin_candidates, thinned_class
 from sam_cls.train import Trainer, train
+from sam_cls.tune import tune_read
 
 
 def quiet(_msg):
@@ -204,3 +205,26 @@ def test_a_new_class_retunes_the_stored_read_and_a_balanced_add_does_not(tmp_pat
     assert report["leave_one_out"] and report["tuned"]["accuracy"] >= report["as_trained"]["accuracy"]
     clf.save()
     assert sam_cls.load(result["run_dir"]).rule == ReadRule.from_dict(clf.state["read"]["rule"])
+
+
+def test_the_tuned_reads_accuracy_weighs_each_class_alike():
+    # 200 cells of one class and 10 of a small one beside it: read as trained, the small class's cells are
+    # mostly misread, which a plain accuracy over the 210 queries would all but hide.
+    g = torch.Generator().manual_seed(0)
+    centre = F.normalize(torch.randn(8, generator=g), dim=0)
+    big = F.normalize(centre + 0.6 * torch.randn(200, 8, generator=g), dim=1)
+    small = F.normalize(centre + 0.3 + 0.6 * torch.randn(10, 8, generator=g), dim=1)
+    memory = MemoryBank(torch.cat([big, small]), torch.tensor([0] * 200 + [1] * 10))
+    base = ReadRule(topk=16, temperature=0.1)
+    _, report = tune_read(memory.embeddings, memory.labels, memory, flat_index(memory), base, 2,
+                          CellFacts.of(memory.labels, 2), own=torch.arange(210))
+    # By hand: every cell read leave-one-out by the read as trained, each class's accuracy, their mean.
+    scores = (memory.embeddings @ memory.embeddings.T).fill_diagonal_(float("-inf"))
+    top = scores.topk(16, dim=1)
+    p = torch.softmax(top.values / 0.1, dim=1)
+    right = torch.zeros(210, 2).scatter_add(1, memory.labels[top.indices], p).argmax(1) == memory.labels
+    per_class = [100 * right[memory.labels == c].float().mean().item() for c in (0, 1)]
+    assert report["as_trained"]["accuracy"] == pytest.approx(sum(per_class) / 2, abs=1e-3)
+    assert abs(sum(per_class) / 2 - 100 * right.float().mean().item()) > 5  # the weighing matters here
+    assert report["tuned"]["accuracy"] >= report["as_trained"]["accuracy"]
+    assert report["tuned"]["small_classes_score"] > report["as_trained"]["small_classes_score"]
