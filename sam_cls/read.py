@@ -289,13 +289,21 @@ def rule_log_probs(scores: torch.Tensor, labels: torch.Tensor, rule: ReadRule, n
 
 
 def select_cells(scores: torch.Tensor, labels: torch.Tensor, rule: ReadRule,
-                 origins: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, F) mask of the candidates a rule reads, from candidates sorted best first in each row."""
+                 origins: torch.Tensor | None = None, ranks: dict | None = None) -> torch.Tensor:
+    """(B, F) mask of the candidates a rule reads, from candidates sorted best first in each row.
+
+    ranks: a dict kept between calls over the same candidates, so rules that differ only in k share one ranking."""
+    ranks = {} if ranks is None else ranks
     keep = torch.isfinite(scores)
-    if rule.per_source and origins is not None:  # the best copy of each source image stands for it
-        keep &= rank_in_group(origins, keep) == 0
+    per_source = rule.per_source and origins is not None
+    if per_source:  # the best copy of each source image stands for it
+        if "source" not in ranks:
+            ranks["source"] = rank_in_group(origins, keep)
+        keep &= ranks["source"] == 0
     if rule.class_k:  # each class's own k best
-        keep &= rank_in_group(labels, keep) < rule.class_k
+        if ("class", per_source) not in ranks:
+            ranks["class", per_source] = rank_in_group(labels, keep)
+        keep &= ranks["class", per_source] < rule.class_k
     elif rule.topk:  # one shared top K
         keep &= keep.cumsum(dim=1) <= rule.topk
     return keep

@@ -42,16 +42,18 @@ class Pool:
     def __init__(self, scores: torch.Tensor, labels: torch.Tensor, origins: torch.Tensor, counts: dict, classes: int):
         order = scores.argsort(dim=1, descending=True, stable=True)
         self.scores, self.labels, self.origins = scores.gather(1, order), labels.gather(1, order), origins.gather(1, order)
-        self.counts, self.classes, self.kept, self.weighed = counts, classes, {}, {}
+        self.counts, self.classes, self.kept, self.weighed, self.ranks = counts, classes, {}, {}, {}
 
     def log_probs(self, rule: ReadRule) -> torch.Tensor:
         key = (0 if rule.class_k else rule.topk, rule.class_k, rule.per_source)  # a per-class read ignores K
         if key not in self.kept:  # the selected cells packed to the left: a rule of K = 16 weighs 16 columns
-            keep = select_cells(self.scores, self.labels, rule, self.origins)
+            keep = select_cells(self.scores, self.labels, rule, self.origins, self.ranks)
             width = max(1, int(keep.sum(1).max()))
-            cols = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
-            packed = keep.gather(1, cols)
-            self.kept[key] = (self.scores.gather(1, cols), self.labels.gather(1, cols), packed)
+            if rule.class_k or rule.per_source:
+                cols = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]
+                self.kept[key] = (self.scores.gather(1, cols), self.labels.gather(1, cols), keep.gather(1, cols))
+            else:  # a shared top K keeps a prefix of each sorted row (the -inf of masked cells sort last)
+                self.kept[key] = (self.scores[:, :width], self.labels[:, :width], keep[:, :width])
         # The softmax over the kept cells is the work; the class prior only shifts its result, so each
         # (selection, temperature) is weighed once for the ALPHAS that stage 2 tries on it.
         weighed = key + (rule.temperature,)
@@ -111,16 +113,18 @@ def stratified(truth: torch.Tensor, num_classes: int, total: int, g: torch.Gener
     return torch.cat(picks).sort().values
 
 
-def _accuracy(log_probs: torch.Tensor, truth: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+def _class_accuracy(log_probs: torch.Tensor, truth: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Each class's accuracy in % over its queries (queries: their count by class; NaN where a class has none)."""
+    right = torch.bincount(truth[log_probs.argmax(1) == truth], minlength=len(queries))
+    return 100.0 * right / queries
+
+
+def _mean(per_class: torch.Tensor, classes: torch.Tensor | None = None) -> float:
     """Accuracy with each class's queries weighed alike: a class the sample could not give its equal share of
     queries (a class of a few cells) counts as much as the others, as it does in a test set of equal classes."""
-    right = (log_probs.argmax(1) == truth).float()
-    right, truth = (right, truth) if rows is None else (right[rows], truth[rows])
-    if not len(right):
-        return 0.0
-    queries = torch.bincount(truth, minlength=log_probs.shape[1]).float()
-    per_class = torch.zeros_like(queries).scatter_add_(0, truth, right)[queries > 0] / queries[queries > 0]
-    return 100.0 * per_class.mean().item()
+    values = per_class if classes is None else per_class[classes]
+    values = values[~values.isnan()]
+    return values.mean().item() if len(values) else 0.0
 
 
 def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, base: ReadRule, num_classes: int,
@@ -135,11 +139,12 @@ def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, b
     u, truth = u[pick.to(u.device)], truth[pick.to(truth.device)]
     own = own[pick.to(own.device)] if own is not None else None
     truth = truth.to(memory.labels.device)
+    queries = torch.bincount(truth, minlength=num_classes).float()  # by class: each class's accuracy is over its own
     pool, *raw = candidates(u, memory, index, facts, own, num_classes)
     n_per_source = facts.copies if facts.origins is not None else 1
 
     def plain(rule: ReadRule) -> float:
-        return _accuracy(pool.log_probs(rule), truth)
+        return _mean(_class_accuracy(pool.log_probs(rule), truth, queries))
 
     # Stage 1, plain accuracy: every K, temperature, per-class k and (for memories of copies) per-source vote.
     topks = sorted({k for k in TOPKS if k <= min(FETCH, memory.size - n_per_source)} | {base.topk})
@@ -169,8 +174,10 @@ def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, b
         means = []
         for classes, scenario in scenarios:
             log_probs = scenario.log_probs(rule)
-            is_small = torch.isin(truth, classes)
-            a_c, a_o = _accuracy(log_probs, truth, is_small), _accuracy(log_probs, truth, ~is_small)
+            per_class = _class_accuracy(log_probs, truth, queries)
+            is_small = torch.zeros(num_classes, dtype=torch.bool, device=per_class.device)
+            is_small[classes] = True
+            a_c, a_o = _mean(per_class, is_small), _mean(per_class, ~is_small)
             means.append(0.0 if a_c + a_o == 0 else 2 * a_c * a_o / (a_c + a_o))
         return sum(means) / max(1, len(means))
 

@@ -19,7 +19,7 @@ import torchvision
 from datafiles import write_cifar10, write_cifar100, write_imagefolder, write_mnist
 from PIL import Image
 
-from sam_cls import data
+from sam_cls import cifar_files, data
 from sam_cls.data import (
     DATASETS,
     Dataset,
@@ -118,10 +118,10 @@ def test_cifar_official_checksum_takes_the_full_unpickler(tmp_path: Path, monkey
     with pytest.raises(DatasetError, match="collections.OrderedDict"):
         load_dataset("cifar10", tmp_path, download=False)
     blob = (tmp_path / rel).read_bytes()
-    assert not data._is_official(rel, blob) and data._CIFAR_MD5[rel] == torchvision.datasets.CIFAR10.train_list[0][1]
-    monkeypatch.setitem(data._CIFAR_MD5, rel, hashlib.md5(blob).hexdigest())  # as if these were the official bytes
-    assert data._is_official(rel, blob) and not data._is_official(rel, blob + b"x")
-    assert not data._is_official("cifar-10-batches-py/other", blob)
+    assert not cifar_files._is_official(rel, blob) and cifar_files._CIFAR_MD5[rel] == torchvision.datasets.CIFAR10.train_list[0][1]
+    monkeypatch.setitem(cifar_files._CIFAR_MD5, rel, hashlib.md5(blob).hexdigest())  # as if these were the official bytes
+    assert cifar_files._is_official(rel, blob) and not cifar_files._is_official(rel, blob + b"x")
+    assert not cifar_files._is_official("cifar-10-batches-py/other", blob)
     _check(load_dataset("cifar10", tmp_path, download=False), arrays, (3, 32, 32), 10)
 
 
