@@ -107,6 +107,11 @@ def trained_run(work: Path, name: str, folder: Path | None, dataset: str, data_d
 
             resume(str(out), log=lambda line: None)
             metrics = sam_cls.load(out).run.load_metrics()
+        clf = sam_cls.load(out, device="cpu")  # its read chosen again, as this version's training would store it
+        stored = clf.state.get("read", {}).get("rule")
+        tune_run(clf, None, log=lambda line: None)
+        if clf.state["read"]["rule"] != stored:
+            clf.save()
         return out, sum(r["seconds"] for r in metrics)
     cfg = make_config(None, dataset=dataset, data_dir=str(folder or data_dir), encoder="conv1", epochs=epochs,
                       seed=SEED, device="cpu", out=str(out), **options)

@@ -14,7 +14,7 @@ from sam_cls.config import ConfigError, make_config
 from sam_cls.evaluate import CellFacts, classify
 from sam_cls.index import IndexParams, build_index
 from sam_cls.memory import MemoryBank
-from sam_cls.read import ReadRule, rule_log_probs, sparse_read, thin_candidates, thinned_class
+from sam_cls.read import ReadRule, rule_log_probs, select_cells, sparse_read, thin_candidates, thinned_class
 from sam_cls.train import Trainer, train
 from sam_cls.tune import tune_read
 
@@ -228,3 +228,17 @@ def test_the_tuned_reads_accuracy_weighs_each_class_alike():
     assert abs(sum(per_class) / 2 - 100 * right.float().mean().item()) > 5  # the weighing matters here
     assert report["tuned"]["accuracy"] >= report["as_trained"]["accuracy"]
     assert report["tuned"]["small_classes_score"] > report["as_trained"]["small_classes_score"]
+
+
+def test_a_selection_from_shared_ranks_is_the_selection_made_alone():
+    # The tuner keeps each pool's ranks between rules; a rule must select the same cells as it would alone.
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(5, 40, generator=g).sort(dim=1, descending=True).values
+    scores[:, -4:] = float("-inf")  # masked candidates sort last
+    labels, origins = torch.randint(0, 3, (5, 40), generator=g), torch.randint(0, 12, (5, 40), generator=g)
+    ranks = {}
+    for rule in (ReadRule(8, 0.1, class_k=2), ReadRule(8, 0.1, per_source=True), ReadRule(8, 0.1, per_source=True,
+                 class_k=3), ReadRule(8, 0.1, class_k=5), ReadRule(16, 0.1)):
+        shared = select_cells(scores, labels, rule, origins, ranks)
+        assert torch.equal(shared, select_cells(scores, labels, rule, origins)), rule
+    assert len(ranks) == 3  # by source; by class, with and without the per-source vote
