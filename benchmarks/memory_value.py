@@ -101,13 +101,14 @@ def trained_run(work: Path, name: str, folder: Path | None, dataset: str, data_d
     """A conv1 memory run (trained now, or kept from --work) and its training seconds."""
     out = work / name
     if (out / "checkpoint.pt").is_file():  # kept from an earlier run: finished, or continued to its end here
-        metrics = sam_cls.load(out).run.load_metrics()
-        if metrics[-1]["epoch"] < epochs:
+        clf = sam_cls.load(out, device="cpu")
+        if clf.run.load_metrics()[-1]["epoch"] < epochs:
             from sam_cls.train import resume
 
             resume(str(out), log=lambda line: None)
-            metrics = sam_cls.load(out).run.load_metrics()
-        clf = sam_cls.load(out, device="cpu")  # its read chosen again, as this version's training would store it
+            clf = sam_cls.load(out, device="cpu")
+        metrics = clf.run.load_metrics()
+        # Its read chosen again, as this version's training would store it.
         stored = clf.state.get("read", {}).get("rule")
         tune_run(clf, None, log=lambda line: None)
         if clf.state["read"]["rule"] != stored:

@@ -158,34 +158,35 @@ def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, b
     # trained classes cut to a few cells where it has none.
     cells = facts.class_cells
     small = ((cells > 0) & (cells < SMALL_SHARE * cells.max())).nonzero().squeeze(1)
-    scenarios, thin = [], []
+    scenarios, thin = [], []  # (which classes are small, as a (C,) mask; the pool that reads them so)
+
+    def only(classes) -> torch.Tensor:
+        mask = torch.zeros(num_classes, dtype=torch.bool, device=truth.device)
+        mask[classes] = True
+        return mask
+
     if len(small) and torch.isin(truth.cpu(), small).any():
-        scenarios.append((small.to(truth.device), pool))
+        scenarios.append((only(small.to(truth.device)), pool))
     else:
         present = (cells > THIN_CELLS).nonzero().squeeze(1)
         thin = present[torch.randperm(len(present), generator=g)[:THIN_CLASSES]].tolist()
         for c in thin:
             rows = (memory.labels.cpu() == c).nonzero().squeeze(1)
             keep = rows[torch.randperm(len(rows), generator=g)[:THIN_CELLS]].to(memory.labels.device)
-            scenarios.append((torch.tensor([c], device=truth.device),
-                              thinned_pool(u, memory, facts, raw, own, c, keep, num_classes)))
+            scenarios.append((only(c), thinned_pool(u, memory, facts, raw, own, c, keep, num_classes)))
 
     def small_score(rule: ReadRule) -> float:
         means = []
-        for classes, scenario in scenarios:
-            log_probs = scenario.log_probs(rule)
-            per_class = _class_accuracy(log_probs, truth, queries)
-            is_small = torch.zeros(num_classes, dtype=torch.bool, device=per_class.device)
-            is_small[classes] = True
+        for is_small, scenario in scenarios:
+            per_class = _class_accuracy(scenario.log_probs(rule), truth, queries)
             a_c, a_o = _mean(per_class, is_small), _mean(per_class, ~is_small)
             means.append(0.0 if a_c + a_o == 0 else 2 * a_c * a_o / (a_c + a_o))
         return sum(means) / max(1, len(means))
 
-    # Every rule of the grid that reads at least as well as the read as trained, under every class prior: K and
-    # the temperature are chosen with the prior, since a class prior that lets small classes in wants a wider,
-    # softer read than the best read without it (a read chosen at alpha 0 and then given a prior leans to the
-    # trained classes; docs/MEMORY.md, "New classes").
-    # Each rule's plain accuracy is its own, prior included: the stored read never loses to the read as trained.
+    # Every rule of the grid under every class prior: K and the temperature are chosen with the prior, since a
+    # prior that lets small classes in wants a wider, softer read than the best read without it (a read chosen at
+    # alpha 0 and then given a prior leans to the trained classes; docs/MEMORY.md, "New classes"). A rule stays in
+    # only if its own plain accuracy, prior included, is the read as trained's or better.
     finalists = [base, *grid, *(replace(rule, alpha=a) for rule in grid for a in ALPHAS if a)]
     scored = []
     for rule in finalists:
