@@ -37,6 +37,7 @@ from sam_cls.integrity import describe, generation
 from sam_cls.memory import MemoryBank
 from sam_cls.model import build_encoder
 from sam_cls.read import ReadRule
+from sam_cls.read_map import fit_map, fold_map, map_cells
 from sam_cls.setup import index_params, resolve_device
 from sam_cls.shard_files import gather_shards, is_sharded
 from sam_cls.tune import tune_memory
@@ -248,11 +249,13 @@ class MemoryClassifier:
         return out
 
     # -- changing the memory ----------------------------------------------------------------------------------
-    def add(self, images, labels: Sequence[str | int], source: dict | None = None) -> int:
+    def add(self, images, labels: Sequence[str | int], source: dict | None = None, refit: bool = True) -> int:
         """Write labelled examples into the memory and the index, encoded as they are (no gradient step).
 
         labels are class names (a new name adds a class) or indices into `classes`. source says where the
-        images came from (add_folder sets it); by default they count as images given from Python.
+        images came from (add_folder sets it); by default they count as images given from Python. Where the add
+        moves the classes' shares and leaves small classes, refit=True also refits the metric (sam_cls/read_map.py)
+        and keeps it only where it reads the memory's held-out cells better.
         """
         x = self.images(images)
         if len(labels) != len(x):
@@ -270,12 +273,12 @@ class MemoryClassifier:
         self.cell_item = torch.cat([self.cell_item, torch.arange(len(x))])
         self.index.add(self.memory.embeddings[start:])  # ids continue from the old size: the new rows
         self.changes.append(_digest("add", x.numpy().tobytes(), [self.classes[i] for i in ids]))
-        self._memory_changed(before)
+        refitted = self._memory_changed(before, refit)
         self._record({"op": "add", "added": len(x), "source": source["name"],
-                      "new_classes": self.classes[len(before):]})
+                      "new_classes": self.classes[len(before):], **({"refit": refitted} if refitted else {})})
         return len(x)
 
-    def add_folder(self, folder: str | Path, skipped: list[tuple[Path, str]] | None = None) -> int:
+    def add_folder(self, folder: str | Path, skipped: list[tuple[Path, str]] | None = None, refit: bool = True) -> int:
         """Add every image of folder/<class>/* under its folder's name as the label (hidden folders, such as
         .ipynb_checkpoints, are not classes). With `skipped` given, unreadable files are listed there and left out."""
         root = Path(folder)
@@ -293,7 +296,7 @@ class MemoryClassifier:
             return 0
         source = {"kind": "files", "name": str(root), "root": str(root.resolve()),
                   "files": [str(f.relative_to(root)) for f, _ in files]}
-        return self.add(x, [label for _, label in files], source)
+        return self.add(x, [label for _, label in files], source, refit)
 
     def forget(self, class_name: str | None = None, source: str | None = None,
                cells: Sequence[int] | None = None) -> int:
@@ -337,21 +340,43 @@ class MemoryClassifier:
         self.records.append({**record, "cells": self.memory.size, "classes": len(self.classes),
                              "step": int(self.state.get("step", 0))})
 
-    def _memory_changed(self, before: torch.Tensor) -> None:
-        """After add or forget (cells of each class before it): the facts the rules read are stale, and a tuned
-        read is chosen again where the classes' shares of the memory moved."""
+    def _memory_changed(self, before: torch.Tensor, refit: bool = False) -> dict | None:
+        """After add or forget (cells of each class before it): the facts the rules read are stale, and where the
+        classes' shares of the memory moved, the metric is refitted (if asked: its report returned) and a tuned
+        read chosen again."""
         self._facts = None
         self.state["edited"] = True  # training's resume needs the memory it trained: this one cannot continue
         after = self.cell_facts().class_cells.float()
         before = torch.cat([before.float(), torch.zeros(len(after) - len(before))])
         moved = (after / after.sum()).clamp_min(1e-9) / (before / before.sum()).clamp_min(1e-9)
-        if "read" in self.state and not ((moved > 0.5) & (moved < 2)).all():
+        shares_moved = not ((moved > 0.5) & (moved < 2)).all()
+        refitted = self._refit_map() if refit and shares_moved else None
+        if "read" in self.state and shares_moved:
             # A class came or went, or changed its share twofold: the class prior and the per-class read are
             # chosen anew, on the memory's own cells left one out (a class added from a few examples is read
             # as its test images will be).
             as_trained = ReadRule(min(self.cfg.topk, self.memory.size), self.cfg.temperature)
             self.state["read"] = tune_memory(self.memory, self.index, as_trained, len(self.classes),
                                              self.cell_facts(), None, self.cfg.seed)
+        return refitted
+
+    def _refit_map(self) -> dict:
+        """Fit the metric map on the memory's cells; where it is kept, fold it into the encoder, map the cells
+        and build the index over them again (one space for queries, cells and index)."""
+        facts = self.cell_facts()
+        w, report = fit_map(self.memory.embeddings, self.memory.labels, facts.origins, len(self.classes),
+                            self.cfg.temperature, self.cfg.topk or None, self.cfg.seed)
+        if w is not None and not fold_map(self.encoder, w):
+            w, report = None, {**report, "kept": False, "reason": "the encoder has no Linear projection to fold into"}
+        if w is not None:
+            self.memory.embeddings.copy_(map_cells(self.memory.embeddings, w))
+            self.index = build_index(self.memory.embeddings, index_params(self.cfg, self.device),
+                                     max(self.cfg.topk, 1), calibrate=True)
+            self.state["encoder"] = {k: v.cpu() for k, v in self.encoder.state_dict().items()}
+            # Centroids a resumed training would start k-means from: this memory is another space (and an edited
+            # run does not resume).
+            self.state.pop("index_centroids", None)
+        return report
 
     def save(self, once: bool = False) -> bool:
         """Commit memory, classes, sources and index into the run directory together (atomic), under the run's

@@ -228,18 +228,24 @@ def explain(run_dir, device, image, neighbours, out, balanced, alpha, class_k, p
 @skip_bad_option
 @click.option("--json", "as_json", is_flag=True)
 @max_pixels_option
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="Where the add leaves small classes, refit the metric on the memory's cells (kept only where it "
+                   "reads held-out cells better; docs/MEMORY.md).")
 @friendly_errors
-def add(run_dir, device, folder, skip_bad_images, as_json) -> None:
+def add(run_dir, device, folder, skip_bad_images, as_json, refit) -> None:
     """Write labelled images into a run's memory and index with its trained encoder (no training)."""
+    from sam_cls.info import refit_text
+
     skipped = [] if skip_bad_images else None
     with RunDir(run_dir, log).lock() as run:
         clf = load(run, device)
         before, cells = list(clf.classes), clf.memory.size
-        added = clf.add_folder(folder, skipped)
+        added = clf.add_folder(folder, skipped, refit)
+        refits = [r["refit"] for r in clf.records if "refit" in r]
         if not added or not clf.save(once=True):  # a retry of an add that committed: it adds nothing twice
-            added, clf.classes = 0, before
+            added, clf.classes, refits = 0, before, []
     report({"added": added, "cells": cells + added, "new_classes": clf.classes[len(before):],
-            "classes": clf.classes}, as_json)
+            "classes": clf.classes, **({"refit": refit_text(refits[-1]).removeprefix("; ")} if refits else {})}, as_json)
     list_skipped(skipped or [])
 
 

@@ -36,11 +36,20 @@ def run_info(clf: MemoryClassifier) -> dict:
     }
 
 
+def refit_text(refit: dict) -> str:
+    """What an add's metric refit did (sam_cls/read_map.py), as the tail of its history line."""
+    if not refit.get("kept"):
+        return f"; metric refit not kept ({refit.get('reason')})"
+    return (f"; metric refit kept: held-out small classes {refit['small_before']} -> {refit['small_after']}%, "
+            f"others {refit['others_before']} -> {refit['others_after']}%")
+
+
 def commit_line(record: dict) -> str:
     """One line of a run's history: a training epoch with its test accuracy, or an add or forget."""
     if record.get("op") == "add":
         new = f", new classes {record['new_classes']}" if record.get("new_classes") else ""
-        return f"add     {record['added']} cells from {record['source']}{new} -> {record['cells']} cells"
+        return (f"add     {record['added']} cells from {record['source']}{new} -> {record['cells']} cells"
+                f"{refit_text(record['refit']) if 'refit' in record else ''}")
     if record.get("op") == "forget":
         what = ", ".join(f"{k} {record[k]!r}" for k in ("class", "source", "cell_numbers") if k in record)
         return f"forget  {record['forgotten']} cells ({what}) -> {record['cells']} cells"

@@ -236,3 +236,27 @@ def test_cli_predict_explain_add_forget_evaluate(run_copy, trained, tmp_path):
     result = cli("predict", "--run", run_copy, bad, ok=False)
     assert result.exit_code == 2 and "bad.jpg" in result.stderr.strip().splitlines()[-1]
     assert load_tensors(run_copy / "checkpoint.pt")["edited"]
+
+
+def test_an_add_that_brings_a_small_class_refits_the_metric_in_one_space(run_copy, tmp_path):
+    files = sorted((new_class_folder(tmp_path / "new", n=4) / "dog").iterdir())
+    plain = sam_cls.load(run_copy, device="cpu")
+    weights = {k: v.clone() for k, v in plain.encoder.state_dict().items()}
+    plain.add(files, ["dog"] * len(files), refit=False)
+    assert [r["op"] for r in plain.records] == ["add"] and "refit" not in plain.records[0]
+    assert all(torch.equal(v, weights[k]) for k, v in plain.encoder.state_dict().items())
+    clf = sam_cls.load(run_copy, device="cpu")
+    clf.add(files, ["dog"] * len(files))
+    refit = clf.records[-1]["refit"]
+    assert refit["small_classes"] == [clf.classes.index("dog")]
+    # Kept or not, each added image's cell is what the encoder now makes of it, and the index reads those cells.
+    added = torch.arange(clf.memory.size - len(files), clf.memory.size)
+    torch.testing.assert_close(clf.encode(files), clf.memory.embeddings[added], atol=1e-5, rtol=1e-4)
+    assert torch.equal(torch.as_tensor(clf.kneighbors(files, 1)[1][:, 0]), added)
+    # This memory's refit is kept (it reads the held-out cells better): the encoder itself changed.
+    assert refit["kept"] and any(not torch.equal(v, weights[k]) for k, v in clf.encoder.state_dict().items())
+    predicted = clf.predict(files)
+    clf.save()
+    again = sam_cls.load(run_copy, device="cpu")
+    assert np.array_equal(again.predict(files), predicted)
+    assert again.state["history"][-1]["refit"] == refit
