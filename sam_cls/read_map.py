@@ -9,7 +9,8 @@ projection, so queries, cells and the index stay one space: normalise(normalise(
 h W is the projection's output with weight W^T A and bias b W.
 
 A map is kept only where it reads held-out cells (a share of each class, never a query of the fit) better for
-the small classes and no worse for the others: new classes may not be bought with old ones.
+the small classes and no worse for the others: new classes may not be bought with old ones. Too few held-out
+cells of small classes to tell (classes of a few examples) and nothing is fitted.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ LR = 0.002
 HELD_OUT = 0.2  # each class's share of cells scored, not fitted
 FIT_CELLS = 65536  # cells a step reads at most (a seeded sample; small classes whole): seconds, not minutes
 CHECK_QUERIES = 2000  # held-out queries at most
+# Held-out cells of small classes a decision needs: with fewer (5 classes of 5 examples hold out 5) one query is
+# 20 points, and a map kept on such a count read MNIST's new test images worse (docs/MEMORY.md).
+MIN_SMALL_QUERIES = 20
 SMALL_SHARE = 0.25  # a class under this share of the largest class's cells is small (sam_cls/tune.py's rule)
 STEP_SHARES = (1.0, 0.75, 0.5, 0.25)  # the share of the fitted map's change from the identity a map may keep
 CHUNK = 4096  # cells scored at once: B x CHUNK scores, never B x N
@@ -101,8 +105,9 @@ def fit_map(cells: torch.Tensor, labels: torch.Tensor, origins: torch.Tensor, nu
     g = torch.Generator().manual_seed(seed)
     fit, held = split_cells(labels, num_classes, g)
     held = held[torch.randperm(len(held), generator=g)[:CHECK_QUERIES]].sort().values
-    if not torch.isin(labels[fit], small).any() or not torch.isin(labels[held], small).any():
-        return None, {**report, "reason": "too few cells in the small classes to fit and check a map"}
+    if not torch.isin(labels[fit], small).any() or int(torch.isin(labels[held], small).sum()) < MIN_SMALL_QUERIES:
+        return None, {**report, "reason": f"fewer than {MIN_SMALL_QUERIES} held-out cells of small classes to "
+                                          "check a map on"}
     # The fit reads a sample of the memory (small classes whole), with each class's count as it is in the sample.
     keep = torch.isin(labels, small) | (torch.rand(len(labels), generator=g) < FIT_CELLS / len(labels))
     mem = keep.nonzero().squeeze(1)
@@ -130,7 +135,7 @@ def fit_map(cells: torch.Tensor, labels: torch.Tensor, origins: torch.Tensor, nu
     with torch.no_grad():
         before = score(eye)
         tried = [(t, score(eye + t * (w.detach() - eye))) for t in STEP_SHARES]
-    better = [(harmonic(s), t, s) for t, s in tried if s[0] >= before[0] and s[1] >= before[1] and s != before]
+    better = [(harmonic(s), t, s) for t, s in tried if s[0] > before[0] and s[1] >= before[1]]
     kept = bool(better)
     report.update(kept=kept, held_out_queries=len(held), steps=STEPS, small_before=round(before[0], 3),
                   others_before=round(before[1], 3),
@@ -140,7 +145,7 @@ def fit_map(cells: torch.Tensor, labels: torch.Tensor, origins: torch.Tensor, nu
         w = eye + t * (w.detach() - eye)
         report.update(step_share=t, small_after=round(after[0], 3), others_after=round(after[1], 3))
     else:
-        report["reason"] = "no step of the map read the held-out cells better for the small classes without " \
+        report["reason"] = "no step of the map read the held-out cells of the small classes better without " \
                            "reading the others worse"
     return (w if kept else None), report
 

@@ -9,12 +9,12 @@ from sam_cls.read_map import fit_map, fold_map, map_cells
 
 
 def crowded_memory(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three large classes and a small one (30 cells) that sits on class 0 but for one quiet dimension: only a
-    map that stretches that dimension tells them apart."""
+    """Three large classes and a small one (120 cells: 24 held out) that sits on class 0 but for one quiet
+    dimension: only a map that stretches that dimension tells them apart."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.eye(8)[:3]
     cells, labels = [], []
-    for c, n in ((0, 300), (1, 300), (2, 300), (3, 30)):
+    for c, n in ((0, 600), (1, 600), (2, 600), (3, 120)):
         x = 0.35 * torch.randn(n, 8, generator=g) + centres[min(c, 2) if c < 3 else 0]
         x[:, 7] = (0.12 if c == 3 else -0.12) + 0.03 * torch.randn(n, generator=g)
         cells.append(x)
@@ -46,7 +46,7 @@ def test_no_map_is_fitted_without_a_small_class_or_without_cells_to_check_it_on(
     assert w is None and not report["kept"] and report["reason"] == "no small class"
     one = torch.cat([big.nonzero().squeeze(1), (labels == 3).nonzero()[:1].squeeze(1)])  # a class of one cell
     w, report = fit_map(cells[one], labels[one], torch.arange(len(one)), 4, 0.05, 32)
-    assert w is None and "too few cells" in report["reason"]
+    assert w is None and "fewer than 20 held-out cells" in report["reason"]
 
 
 def test_a_folded_map_makes_the_encoder_write_the_mapped_cells():

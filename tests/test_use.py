@@ -238,25 +238,28 @@ def test_cli_predict_explain_add_forget_evaluate(run_copy, trained, tmp_path):
     assert load_tensors(run_copy / "checkpoint.pt")["edited"]
 
 
-def test_an_add_that_brings_a_small_class_refits_the_metric_in_one_space(run_copy, tmp_path):
-    files = sorted((new_class_folder(tmp_path / "new", n=4) / "dog").iterdir())
-    plain = sam_cls.load(run_copy, device="cpu")
+def test_an_add_that_brings_a_small_class_refits_the_metric_in_one_space(mini_linear_run, tmp_path):
+    run = shutil.copytree(mini_linear_run, tmp_path / "run")
+    data = run_data(sam_cls.load(run, device="cpu"), log=quiet)
+    mirrored = data.train_x[data.train_y == 2][:100].flip(3)  # a new class beside "2": 100 cells against 500 each
+    plain = sam_cls.load(run, device="cpu")
     weights = {k: v.clone() for k, v in plain.encoder.state_dict().items()}
-    plain.add(files, ["dog"] * len(files), refit=False)
+    plain.add(mirrored, ["mirrored two"] * 100, refit=False)
     assert [r["op"] for r in plain.records] == ["add"] and "refit" not in plain.records[0]
     assert all(torch.equal(v, weights[k]) for k, v in plain.encoder.state_dict().items())
-    clf = sam_cls.load(run_copy, device="cpu")
-    clf.add(files, ["dog"] * len(files))
+    clf = sam_cls.load(run, device="cpu")
+    clf.add(mirrored, ["mirrored two"] * 100)
     refit = clf.records[-1]["refit"]
-    assert refit["small_classes"] == [clf.classes.index("dog")]
-    # Kept or not, each added image's cell is what the encoder now makes of it, and the index reads those cells.
-    added = torch.arange(clf.memory.size - len(files), clf.memory.size)
-    torch.testing.assert_close(clf.encode(files), clf.memory.embeddings[added], atol=1e-5, rtol=1e-4)
-    assert torch.equal(torch.as_tensor(clf.kneighbors(files, 1)[1][:, 0]), added)
-    # This memory's refit is kept (it reads the held-out cells better): the encoder itself changed.
-    assert refit["kept"] and any(not torch.equal(v, weights[k]) for k, v in clf.encoder.state_dict().items())
-    predicted = clf.predict(files)
+    # Kept where it reads the held-out cells better for the small class and no worse for the others, as here.
+    assert refit["small_classes"] == [10] and refit["kept"]
+    assert refit["small_after"] > refit["small_before"] and refit["others_after"] >= refit["others_before"]
+    assert any(not torch.equal(v, weights[k]) for k, v in clf.encoder.state_dict().items())
+    # One space: each added image's cell is what the encoder now makes of it, and the index reads those cells.
+    added = torch.arange(clf.memory.size - 100, clf.memory.size)
+    torch.testing.assert_close(clf.encode(mirrored), clf.memory.embeddings[added], atol=1e-5, rtol=1e-4)
+    assert torch.equal(torch.as_tensor(clf.kneighbors(mirrored[:10], 1)[1][:, 0]), added[:10])
+    predicted = clf.predict(data.test_x[:200])
     clf.save()
-    again = sam_cls.load(run_copy, device="cpu")
-    assert np.array_equal(again.predict(files), predicted)
+    again = sam_cls.load(run, device="cpu")
+    assert np.array_equal(again.predict(data.test_x[:200]), predicted)
     assert again.state["history"][-1]["refit"] == refit
