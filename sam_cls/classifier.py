@@ -4,7 +4,7 @@
     clf.predict(["digit.png"])            # class indices into clf.classes (numpy; torch=True for tensors)
     clf.predict_proba(images)             # (B, C) probabilities
     clf.kneighbors(images, 5)             # (similarities, cells), nearest first, as scikit-learn's kneighbors
-    clf.add(images, ["seven", "seven"])   # written into the memory and its index; no gradient step
+    clf.add(images, ["seven", "seven"])   # written into the memory and its index; no training
     clf.forget(class_name="seven")
     clf.save()                            # one atomic commit into the run directory
 
@@ -250,7 +250,7 @@ class MemoryClassifier:
 
     # -- changing the memory ----------------------------------------------------------------------------------
     def add(self, images, labels: Sequence[str | int], source: dict | None = None, refit: bool = True) -> int:
-        """Write labelled examples into the memory and the index, encoded as they are (no gradient step).
+        """Write labelled examples into the memory and the index, encoded as they are (no training of the network).
 
         labels are class names (a new name adds a class) or indices into `classes`. source says where the
         images came from (add_folder sets it); by default they count as images given from Python. Where the add

@@ -233,7 +233,8 @@ def explain(run_dir, device, image, neighbours, out, balanced, alpha, class_k, p
                    "reads held-out cells better; docs/MEMORY.md).")
 @friendly_errors
 def add(run_dir, device, folder, skip_bad_images, as_json, refit) -> None:
-    """Write labelled images into a run's memory and index with its trained encoder (no training)."""
+    """Write labelled images into a run's memory and index with its trained encoder (no training; where small
+    classes come in, a metric refit of seconds: docs/MEMORY.md)."""
     from sam_cls.info import refit_text
 
     skipped = [] if skip_bad_images else None

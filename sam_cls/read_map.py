@@ -33,7 +33,7 @@ CHECK_QUERIES = 2000  # held-out queries at most
 MIN_SMALL_QUERIES = 20
 SMALL_SHARE = 0.25  # a class under this share of the largest class's cells is small (sam_cls/tune.py's rule)
 STEP_SHARES = (1.0, 0.75, 0.5, 0.25)  # the share of the fitted map's change from the identity a map may keep
-CHUNK = 4096  # cells scored at once: B x CHUNK scores, never B x N
+CHUNK = 65536  # cells mapped at once by map_cells
 
 
 def read_log_probs(q: torch.Tensor, cells: torch.Tensor, labels: torch.Tensor, q_origins: torch.Tensor,
@@ -108,8 +108,11 @@ def fit_map(cells: torch.Tensor, labels: torch.Tensor, origins: torch.Tensor, nu
     if not torch.isin(labels[fit], small).any() or int(torch.isin(labels[held], small).sum()) < MIN_SMALL_QUERIES:
         return None, {**report, "reason": f"fewer than {MIN_SMALL_QUERIES} held-out cells of small classes to "
                                           "check a map on"}
-    # The fit reads a sample of the memory (small classes whole), with each class's count as it is in the sample.
-    keep = torch.isin(labels, small) | (torch.rand(len(labels), generator=g) < FIT_CELLS / len(labels))
+    # The fit reads a sample of the memory (small classes whole where they fit in it), with each class's count as
+    # it is in the sample.
+    in_small = torch.isin(labels, small)
+    draw = torch.rand(len(labels), generator=g)
+    keep = torch.where(in_small, draw < FIT_CELLS / int(in_small.sum()), draw < FIT_CELLS / len(labels))
     mem = keep.nonzero().squeeze(1)
     fit = fit[keep[fit]]
     fit_counts = torch.bincount(labels[mem], minlength=num_classes).float()
@@ -167,4 +170,4 @@ def fold_map(encoder: nn.Module, w: torch.Tensor) -> bool:
 def map_cells(cells: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The cells as the folded encoder would write them: normalise(m W), in chunks."""
     w = w.to(cells)
-    return torch.cat([F.normalize(cells[s:s + CHUNK * 16] @ w, dim=1) for s in range(0, len(cells), CHUNK * 16)])
+    return torch.cat([F.normalize(cells[s:s + CHUNK] @ w, dim=1) for s in range(0, len(cells), CHUNK)])
