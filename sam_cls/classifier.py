@@ -16,6 +16,7 @@ from: its source (a data set's split, a folder, or images given from Python) and
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from sam_cls.integrity import describe, generation
 from sam_cls.memory import MemoryBank
 from sam_cls.model import build_encoder
 from sam_cls.read import ReadRule
-from sam_cls.read_map import fit_map, fold_map, map_cells
+from sam_cls.read_map import fit_map, fold_map, map_cells, projection
 from sam_cls.setup import index_params, resolve_device
 from sam_cls.shard_files import gather_shards, is_sharded
 from sam_cls.tune import tune_memory
@@ -272,7 +273,9 @@ class MemoryClassifier:
                                                                   dtype=torch.int32)])
         self.cell_item = torch.cat([self.cell_item, torch.arange(len(x))])
         self.index.add(self.memory.embeddings[start:])  # ids continue from the old size: the new rows
-        self.changes.append(_digest("add", x.numpy().tobytes(), [self.classes[i] for i in ids]))
+        # (refit=False marks its digest: the same images added again with a refit are another change, not a retry)
+        self.changes.append(_digest("add", x.numpy().tobytes(), [self.classes[i] for i in ids],
+                                    *(() if refit else ("no refit",))))
         refitted = self._memory_changed(before, refit)
         self._record({"op": "add", "added": len(x), "source": source["name"],
                       "new_classes": self.classes[len(before):], **({"refit": refitted} if refitted else {})})
@@ -362,20 +365,25 @@ class MemoryClassifier:
 
     def _refit_map(self) -> dict:
         """Fit the metric map on the memory's cells; where it is kept, fold it into the encoder, map the cells
-        and build the index over them again (one space for queries, cells and index)."""
-        facts = self.cell_facts()
-        w, report = fit_map(self.memory.embeddings, self.memory.labels, facts.origins, len(self.classes),
-                            self.cfg.temperature, self.cfg.topk or None, self.cfg.seed)
-        if w is not None and not fold_map(self.encoder, w):
-            w, report = None, {**report, "kept": False, "reason": "the encoder has no Linear projection to fold into"}
-        if w is not None:
-            self.memory.embeddings.copy_(map_cells(self.memory.embeddings, w))
-            self.index = build_index(self.memory.embeddings, index_params(self.cfg, self.device),
-                                     max(self.cfg.topk, 1), calibrate=True)
-            self.state["encoder"] = {k: v.cpu() for k, v in self.encoder.state_dict().items()}
-            # Centroids a resumed training would start k-means from: this memory is another space (and an edited
-            # run does not resume).
-            self.state.pop("index_centroids", None)
+        and build the index over them again (one space for queries, cells and index). Everything new is made
+        before anything is replaced: a failure part way leaves the classifier as it was."""
+        if projection(self.encoder) is None:
+            return {"kept": False, "reason": "the encoder has no Linear projection to fold a map into"}
+        w, report = fit_map(self.memory.embeddings, self.memory.labels, self.cell_facts().origins,
+                            len(self.classes), self.cfg.temperature, self.cfg.topk or None, self.cfg.seed)
+        if w is None:
+            return report
+        encoder = copy.deepcopy(self.encoder)
+        fold_map(encoder, w)
+        cells = map_cells(self.memory.embeddings, w)
+        # A new index over the mapped cells: O(N), as `rebuild-index` is (docs/MEMORY.md).
+        index = build_index(cells, index_params(self.cfg, self.device), max(self.cfg.topk, 1), calibrate=True)
+        self.encoder, self.index = encoder, index
+        self.memory.embeddings.copy_(cells)
+        self.state["encoder"] = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+        # Centroids a resumed training would start k-means from: this memory is another space (and an edited
+        # run does not resume).
+        self.state.pop("index_centroids", None)
         return report
 
     def save(self, once: bool = False) -> bool:

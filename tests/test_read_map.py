@@ -4,8 +4,9 @@ into the encoder so queries and cells stay one space."""
 import torch
 import torch.nn.functional as F
 
+from sam_cls import read_map
 from sam_cls.model import build_encoder
-from sam_cls.read_map import fit_map, fold_map, map_cells
+from sam_cls.read_map import fit_map, fold_map, map_cells, projection
 
 
 def crowded_memory(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +58,32 @@ def test_a_folded_map_makes_the_encoder_write_the_mapped_cells():
         with torch.no_grad():
             before = encoder(x)
             w = torch.eye(16) + 0.3 * torch.randn(16, 16)
-            assert fold_map(encoder, w)
+            assert projection(encoder) is not None
+            fold_map(encoder, w)
             torch.testing.assert_close(encoder(x), map_cells(before, w), atol=1e-5, rtol=1e-4)
-    # A softmax head reads the features the map would change: nothing is folded.
+    # A softmax head reads the features the map would change: there is nothing to fold into.
     softmax = build_encoder("linear", (1, 8, 8), 16, torch.zeros(1), torch.ones(1), num_classes=3)
-    weight = softmax.body[-1].weight.clone()
-    assert not fold_map(softmax, torch.eye(16) * 2)
-    assert torch.equal(softmax.body[-1].weight, weight)
+    assert projection(softmax) is None
+
+
+def test_every_small_class_held_out_cell_counts_when_the_others_are_capped(monkeypatch):
+    cells, labels = crowded_memory()
+    monkeypatch.setattr(read_map, "CHECK_QUERIES", 40)  # fewer than the small class's 24 and the others' 360
+    w, report = fit_map(cells, labels, torch.arange(len(labels)), 4, 0.05, 32)
+    assert report["small_held_out"] == 24 and report["held_out_queries"] == 40
+    assert w is not None and report["kept"]
+
+
+def test_a_memory_larger_than_the_fit_reads_is_sampled_with_its_classes_weighed_alike(monkeypatch):
+    cells, labels = crowded_memory()
+    monkeypatch.setattr(read_map, "FIT_CELLS", 600)  # a third of the large classes' cells, the small class whole
+    w, report = fit_map(cells, labels, torch.arange(len(labels)), 4, 0.05, 32)
+    assert w is not None and report["kept"] and report["small_after"] > report["small_before"]
+
+
+def test_a_map_is_fitted_under_inference_mode_too():
+    cells, labels = crowded_memory()
+    with torch.inference_mode():
+        inside, _ = fit_map(cells.clone(), labels, torch.arange(len(labels)), 4, 0.05, 32)
+    outside, _ = fit_map(cells, labels, torch.arange(len(labels)), 4, 0.05, 32)
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)

@@ -263,3 +263,23 @@ def test_an_add_that_brings_a_small_class_refits_the_metric_in_one_space(mini_li
     again = sam_cls.load(run, device="cpu")
     assert np.array_equal(again.predict(data.test_x[:200]), predicted)
     assert again.state["history"][-1]["refit"] == refit
+
+
+def test_cli_add_refits_unless_told_not_to(mini_linear_run, tmp_path):
+    data = run_data(sam_cls.load(mini_linear_run, device="cpu"), log=quiet)
+    folder = tmp_path / "new" / "mirrored two"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(data.train_x[data.train_y == 2][:100].flip(3)):
+        Image.fromarray(image[0].numpy()).save(folder / f"{i:03d}.png")  # in the order the Python test adds
+    answers = {}
+    for flag in ("--refit", "--no-refit"):
+        run = shutil.copytree(mini_linear_run, tmp_path / flag)
+        result = CliRunner().invoke(main, ["add", "--run", str(run), "--data", str(tmp_path / "new"), "--json",
+                                           flag])
+        assert result.exit_code == 0, result.output
+        answers[flag] = json.loads(result.stdout)
+        assert answers[flag]["added"] == 100
+    assert answers["--refit"]["refit"].startswith("metric refit kept")
+    assert "refit" not in answers["--no-refit"]
+    history = CliRunner().invoke(main, ["info", "--run", str(tmp_path / "--refit")]).stdout
+    assert "100 cells from" in history and "metric refit kept" in history
