@@ -310,7 +310,9 @@ def new_classes_part(name: str, data, work: Path, quick: bool) -> list[dict]:
         # the same add with the encoder as trained.
         for method, path, refit in (*((m, p, True) for m, p in runs.items()), ("memory-add-no-refit", run, False)):
             clf = sam_cls.load(path, device="cpu")
+            start = time.perf_counter()
             clf.add(data.train_x[picks], [data.classes[int(c)] for c in data.train_y[picks]], refit=refit)
+            add_seconds = time.perf_counter() - start  # encoding, writing, the refit if any, the read tuned again
             refitted = clf.records[-1].get("refit")
             u = clf.encode(data.test_x)
             for rule_name, rule in rules(as_trained(clf), clf.rule).items():
@@ -321,6 +323,8 @@ def new_classes_part(name: str, data, work: Path, quick: bool) -> list[dict]:
                             "n_per_class": n or "all", **accuracies(predicted, data, old)})
                 if method in train_seconds:
                     out[-1]["train_seconds"] = round(train_seconds[method], 1)
+                if rule_name == "tuned (default)":
+                    out[-1]["add_seconds"] = round(add_seconds, 2)
                 if refitted and rule_name == "tuned (default)":
                     out[-1]["refit"] = {k: refitted[k] for k in ("kept", "step_share", "small_before", "small_after",
                                                                  "others_before", "others_after") if k in refitted}
