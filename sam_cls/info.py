@@ -38,8 +38,8 @@ def run_info(clf: MemoryClassifier) -> dict:
 
 def refit_text(refit: dict) -> str:
     """What an add's metric refit did (sam_cls/read_map.py), as the tail of its history line."""
-    if not refit.get("kept"):
-        return f"; metric refit not kept ({refit.get('reason')})"
+    if not refit.get("kept"):  # fitted and turned down, or not fitted at all (no "tried" steps)
+        return f"; {'metric refit not kept' if 'tried' in refit else 'no metric refit'} ({refit.get('reason')})"
     return (f"; metric refit kept: held-out small classes {refit['small_before']} -> {refit['small_after']}%, "
             f"others {refit['others_before']} -> {refit['others_after']}%")
 
