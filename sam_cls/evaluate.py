@@ -108,14 +108,16 @@ def classify(u: torch.Tensor, memory: MemoryBank, index, rule: ReadRule, num_cla
         raise ValueError("per-source and per-class reads search the index: this memory has none (a dense run)")
     facts = facts or CellFacts.of(memory.labels, num_classes)
     n = memory.size
-    ids = index.search(u, min(n, rule.fetch(num_classes, min(facts.copies, PER_SOURCE_FETCH)) or n))[1]
+    # A per-source read reaches past the K nearest cells for K distinct images: a deep search (index/base.py).
+    search = index.search_deep if rule.per_source else index.search
+    ids = search(u, min(n, rule.fetch(num_classes, min(facts.copies, PER_SOURCE_FETCH)) or n))[1]
     if rule.per_source and facts.origins is not None:
         # Rows whose candidates hold fewer than K source images search again, twice as deep, until they do.
         while ids.shape[1] < n:
             short = (distinct_sources(facts.origins.to(ids.device)[ids.clamp_min(0)], ids >= 0) < rule.topk)
             if not short.any():
                 break
-            deeper = index.search(u[short], min(n, 2 * ids.shape[1]))[1]
+            deeper = search(u[short], min(n, 2 * ids.shape[1]))[1]
             ids = torch.cat([ids, ids.new_full((len(ids), deeper.shape[1] - ids.shape[1]), -1)], 1)
             ids[short] = deeper
     ids = ids.to(memory.embeddings.device)

@@ -126,6 +126,19 @@ def test_search_nprobe_narrows_one_call_and_never_deepens(kind, small):
         assert torch.equal(narrow, deep.search(q, 10)[1])
 
 
+def test_a_deep_search_probes_lists_in_proportion_to_k_beyond_the_built_k(small):
+    x, q = small
+    index = build_index(x, IndexParams(kind="ivf", nlist=50, nprobe=2), k=10, seed=2)
+    wide = build_index(x, IndexParams(kind="ivf", nlist=50, nprobe=8), k=10, seed=2)  # same lists: same seed
+    # k = 40 is 4 x the built k: the 2 lists the index probes become 8, for this call only.
+    assert torch.equal(index.search_deep(q, 40)[1], wide.search(q, 40)[1])
+    assert not torch.equal(index.search(q, 40)[1], wide.search(q, 40)[1])  # the depth matters on this data
+    assert index._get("nprobe") == 2 and "nprobe=2" in index.description
+    assert torch.equal(index.search_deep(q, 10)[1], index.search(q, 10)[1])  # within the built k: a plain search
+    exact = build_index(x, IndexParams(kind="torch"), k=10)
+    assert torch.equal(exact.search_deep(q, 40)[1], exact.search(q, 40)[1])  # an exact index has no depth
+
+
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 def test_many_lists_find_their_lists_by_an_hnsw_quantizer(kind, small, monkeypatch, tmp_path):
     from sam_cls.index import factory

@@ -48,6 +48,11 @@ class MemoryIndex(ABC):
         # detach(): faiss's torch bridge rejects Tensor subclasses such as nn.Parameter.
         return self._search(queries.detach().float().contiguous(), k, training)
 
+    def search_deep(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A search for far more candidates than the K the index was built for (a per-source read's): as search()
+        here; an IVF index probes lists in proportion (faiss_index.py)."""
+        return self.search(queries, k)
+
     @abstractmethod
     def _search(self, queries: torch.Tensor, k: int, training: bool) -> tuple[torch.Tensor, torch.Tensor]: ...
 
