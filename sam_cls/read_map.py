@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sam_cls.backbones import last_layer
+from sam_cls.read import class_log_probs, class_prior
+from sam_cls.tune import class_accuracy, harmonic, mean_accuracy, small_classes
 
 # ----------------------------------------------------------------------------- hyper-parameters, all here
 STEPS = 100  # Adam steps: on MNIST the held-out scores stop moving after about 100
@@ -34,7 +36,6 @@ CHECK_QUERIES = 2000  # held-out queries at most, counting every small class's (
 # Held-out cells of small classes a decision needs: with fewer (5 classes of 5 examples hold out 5) one query is
 # 20 points, and a map kept on such a count read MNIST's new test images worse (docs/MEMORY.md).
 MIN_SMALL_QUERIES = 20
-SMALL_SHARE = 0.25  # a class under this share of the largest class's cells is small (sam_cls/tune.py's rule)
 STEP_SHARES = (1.0, 0.75, 0.5, 0.25)  # the share of the fitted map's change from the identity a map may keep
 CHUNK = 65536  # cells mapped at once by map_cells
 
@@ -49,15 +50,14 @@ def read_log_probs(q: torch.Tensor, cells: torch.Tensor, labels: torch.Tensor, q
     class's log-probability adds a constant to a query's loss and no gradient."""
     scores = (q @ cells.T) / temperature
     scores = scores.masked_fill(q_origins.unsqueeze(1) == origins.unsqueeze(0), float("-inf"))
-    if topk is not None:
-        scores, ids = scores.topk(min(topk, scores.shape[1]), dim=1)
-        per_class = torch.zeros(len(q), num_classes, dtype=scores.dtype).scatter_add_(1, labels[ids],
-                                                                                    scores.softmax(1))
+    if topk is not None:  # the read's own top-K class log-probabilities
+        top, ids = scores.topk(min(topk, scores.shape[1]), dim=1)
+        log_probs = class_log_probs(top, labels[ids], num_classes)
     else:  # index_add, not a one-hot matrix: (N, C) floats would be gigabytes for a memory of many classes
         per_class = torch.zeros(len(q), num_classes, dtype=scores.dtype).index_add_(1, labels, scores.softmax(1))
-    log_probs = per_class.clamp_min(1e-12).log()
+        log_probs = per_class.clamp_min(1e-12).log()
     # The prior divides each class's mass by its cell count: a class of 100 cells is not outvoted by one of 6,000.
-    return log_probs if counts is None else log_probs - counts.clamp_min(1).log()
+    return log_probs if counts is None else class_prior(log_probs, 1.0, counts)
 
 
 def split_cells(labels: torch.Tensor, num_classes: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,20 +81,14 @@ def held_out_scores(w: torch.Tensor, cells, labels, origins, held, mem, small, n
     read with the class prior against the cells `mem` (positions in cells, labels and origins)."""
     counts = torch.bincount(labels[mem], minlength=num_classes).float()
     mapped = F.normalize(cells[mem] @ w, dim=1)
-    right = []
-    for start in range(0, len(held), 512):
-        q = held[start:start + 512]
-        lp = read_log_probs(F.normalize(cells[q] @ w, dim=1), mapped, labels[mem], origins[q], origins[mem],
-                            temperature, num_classes, topk, counts)
-        right.append(lp.argmax(1) == labels[q])
-    right = torch.cat(right)
+    log_probs = torch.cat([read_log_probs(F.normalize(cells[q] @ w, dim=1), mapped, labels[mem], origins[q],
+                                          origins[mem], temperature, num_classes, topk, counts)
+                           for q in held.split(512)])
     truth = labels[held]
-    per_class = torch.bincount(truth[right], minlength=num_classes) / torch.bincount(truth, minlength=num_classes)
-    present = ~per_class.isnan()
+    per_class = class_accuracy(log_probs, truth, torch.bincount(truth, minlength=num_classes).float())
     is_small = torch.zeros(num_classes, dtype=torch.bool)
     is_small[small] = True
-    mean = lambda mask: 100.0 * per_class[mask & present].mean().item() if (mask & present).any() else 0.0
-    return mean(is_small), mean(~is_small)
+    return mean_accuracy(per_class, is_small), mean_accuracy(per_class, ~is_small)
 
 
 def fit_map(cells: torch.Tensor, labels: torch.Tensor, origins: torch.Tensor, num_classes: int,
@@ -103,7 +97,7 @@ def fit_map(cells: torch.Tensor, labels: torch.Tensor, origins: torch.Tensor, nu
     better, or the memory holds no small class to fit it for or too few of its cells to tell."""
     labels, origins = labels.cpu(), origins.cpu()
     counts = torch.bincount(labels, minlength=num_classes)
-    small = ((counts > 0) & (counts < SMALL_SHARE * counts.max())).nonzero().squeeze(1)
+    small = small_classes(counts)
     report = {"small_classes": small.tolist(), "kept": False}
     if not len(small):
         return None, {**report, "reason": "no small class"}
@@ -155,11 +149,10 @@ def fit_map(cells: torch.Tensor, labels: torch.Tensor, origins: torch.Tensor, nu
     # classes with large ones).
     score = lambda m: held_out_scores(m, local, local_labels, local_origins, position[held], score_mem, small,
                                       num_classes, temperature, topk)
-    harmonic = lambda s: 2 * s[0] * s[1] / max(1e-9, s[0] + s[1])
     with torch.no_grad():
         before = score(eye)
         tried = [(t, score(eye + t * (w - eye))) for t in STEP_SHARES]
-    better = [(harmonic(s), t, s) for t, s in tried if s[0] > before[0] and s[1] >= before[1]]
+    better = [(harmonic(*s), t, s) for t, s in tried if s[0] > before[0] and s[1] >= before[1]]
     kept = bool(better)
     report.update(kept=kept, held_out_queries=len(held), small_held_out=len(held_small), steps=STEPS,
                   small_before=round(before[0], 3), others_before=round(before[1], 3),

@@ -113,18 +113,28 @@ def stratified(truth: torch.Tensor, num_classes: int, total: int, g: torch.Gener
     return torch.cat(picks).sort().values
 
 
-def _class_accuracy(log_probs: torch.Tensor, truth: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+def class_accuracy(log_probs: torch.Tensor, truth: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """Each class's accuracy in % over its queries (queries: their count by class; NaN where a class has none)."""
     right = torch.bincount(truth[log_probs.argmax(1) == truth], minlength=len(queries))
     return 100.0 * right / queries
 
 
-def _mean(per_class: torch.Tensor, classes: torch.Tensor | None = None) -> float:
+def mean_accuracy(per_class: torch.Tensor, classes: torch.Tensor | None = None) -> float:
     """Accuracy with each class's queries weighed alike: a class the sample could not give its equal share of
     queries (a class of a few cells) counts as much as the others, as it does in a test set of equal classes."""
     values = per_class if classes is None else per_class[classes]
     values = values[~values.isnan()]
     return values.mean().item() if len(values) else 0.0
+
+
+def harmonic(a: float, b: float) -> float:
+    """The harmonic mean of two accuracies (0 where both are): high only where neither side is given up."""
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def small_classes(cells: torch.Tensor) -> torch.Tensor:
+    """The classes with cells but under SMALL_SHARE of the largest class's: classes added from a few examples."""
+    return ((cells > 0) & (cells < SMALL_SHARE * cells.max())).nonzero().squeeze(1)
 
 
 def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, base: ReadRule, num_classes: int,
@@ -144,7 +154,7 @@ def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, b
     n_per_source = facts.copies if facts.origins is not None else 1
 
     def plain(rule: ReadRule) -> float:
-        return _mean(_class_accuracy(pool.log_probs(rule), truth, queries))
+        return mean_accuracy(class_accuracy(pool.log_probs(rule), truth, queries))
 
     # Stage 1, plain accuracy: every K, temperature, per-class k and (for memories of copies) per-source vote.
     topks = sorted({k for k in TOPKS if k <= min(FETCH, memory.size - n_per_source)} | {base.topk})
@@ -157,7 +167,7 @@ def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, b
     # Stage 2, small classes: every rule under every class prior, on the memory's own small classes, or on
     # trained classes cut to a few cells where it has none.
     cells = facts.class_cells
-    small = ((cells > 0) & (cells < SMALL_SHARE * cells.max())).nonzero().squeeze(1)
+    small = small_classes(cells)
     scenarios, thin = [], []  # (which classes are small, as a (C,) mask; the pool that reads them so)
 
     def only(classes) -> torch.Tensor:
@@ -178,9 +188,9 @@ def tune_read(u: torch.Tensor, truth: torch.Tensor, memory: MemoryBank, index, b
     def small_score(rule: ReadRule) -> float:
         means = []
         for is_small, scenario in scenarios:
-            per_class = _class_accuracy(scenario.log_probs(rule), truth, queries)
-            a_c, a_o = _mean(per_class, is_small), _mean(per_class, ~is_small)
-            means.append(0.0 if a_c + a_o == 0 else 2 * a_c * a_o / (a_c + a_o))
+            per_class = class_accuracy(scenario.log_probs(rule), truth, queries)
+            a_c, a_o = mean_accuracy(per_class, is_small), mean_accuracy(per_class, ~is_small)
+            means.append(harmonic(a_c, a_o))
         return sum(means) / max(1, len(means))
 
     # Every rule of the grid under every class prior: K and the temperature are chosen with the prior, since a
