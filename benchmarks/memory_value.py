@@ -11,6 +11,7 @@ Three parts, each per data set, conv1 throughout (2-core CPU):
   copies       encoders trained on all of train without and with deformed queries (--deform-queries), each
                with a memory of 1, 10, 50 (167) copies an image (`rebuild-index --copies`), read by each rule,
                exactly (every cell scored) and through the index the run builds; distinct sources per read.
+               --copy-kind / --copy-strength: which copies (sam_cls/copies.py; each row records its own).
   new-classes  benchmarks/new_classes.py's protocol (5 classes trained, n examples of 5 more added) read by each
                rule and by the tuned default, after the add's metric refit (sam_cls/read_map.py) and, for the
                tuned default, without it; against its fine-tuned head and a head refit with every old example
@@ -38,8 +39,8 @@ from new_classes import N_PER_CLASS, accuracies, examples, run_dataset
 from PIL import Image
 
 import sam_cls
-from sam_cls.config import make_config
-from sam_cls.copies import encode_cells
+from sam_cls.config import COPY_KINDS, make_config
+from sam_cls.copies import CopyStyle, encode_cells
 from sam_cls.data import load_dataset
 from sam_cls.evaluate import CellFacts, classify, encode_all
 from sam_cls.index import build_index
@@ -226,7 +227,8 @@ def exact_pools(u: torch.Tensor, cells: torch.Tensor, n_images: int, chunk: int 
     return torch.cat(top_s), torch.cat(top_i), torch.cat(src_s), torch.cat(src_i)
 
 
-def copies_part(name: str, data, data_dir: str, work: Path, quick: bool, copies_list) -> list[dict]:
+def copies_part(name: str, data, data_dir: str, work: Path, quick: bool, copies_list,
+                style: CopyStyle) -> list[dict]:
     full_data = full_dataset(name, data_dir)
     epochs = 1 if quick else EPOCHS[name]
     rows = []
@@ -242,7 +244,7 @@ def copies_part(name: str, data, data_dir: str, work: Path, quick: bool, copies_
         for copies in copies_list:
             if copies > 1:
                 start = time.perf_counter()
-                more = encode_cells(clf.encoder, data.train_x, copies, SEED, 1024, start=len(cells))
+                more = encode_cells(clf.encoder, data.train_x, copies, SEED, 1024, start=len(cells), style=style)
                 cells = torch.cat([cells, more])
                 print(f"{name} {queries}: {copies} copies encoded in {time.perf_counter() - start:.0f}s", flush=True)
             memory = cells[: copies * n]
@@ -271,7 +273,8 @@ def copies_part(name: str, data, data_dir: str, work: Path, quick: bool, copies_
                 read = torch.cat([classify(u[i : i + 1024], bank, index, rule, len(clf.classes), facts)[0]
                                   for i in range(0, len(u), 1024)])
                 read_seconds = time.perf_counter() - start
-                row = {"dataset": name, "queries": queries, "copies": copies, "cells": len(memory), "rule": rule_name,
+                row = {"dataset": name, "queries": queries, "copies": copies, "copy_kind": style.kind,
+                       "copy_strength": style.strength, "cells": len(memory), "rule": rule_name,
                        "read": rule.as_dict(), "exact_acc": percent(exact, truth), "index_acc": percent(read, truth),
                        "index": index.description, "build_seconds": round(build_seconds, 1),
                        "index_read_seconds": round(read_seconds, 2), "exact_pool_seconds": round(exact_seconds, 1),
@@ -359,12 +362,15 @@ def plot(report: dict, path: Path) -> None:
         axes[0].plot(x, [r["head_refit"] for r in pts], "--s", label=f"{name} head refit")
     axes[0].set_xlabel("% of train in the memory (encoder trained on 10%)")
     axes[0].set_ylabel("test accuracy (%)")
-    for (name, queries) in sorted({(r["dataset"], r["queries"]) for r in report.get("copies", [])}):
-        pts = [r for r in report["copies"] if r["dataset"] == name and r["queries"] == queries]
+    families = {(r["dataset"], r["queries"], copy_style(r)) for r in report.get("copies", [])}
+    for (name, queries, style) in sorted(families, key=lambda f: (f[0], f[1], f[2].kind, f[2].strength)):
+        pts = [r for r in report["copies"] if r["dataset"] == name and r["queries"] == queries
+               and copy_style(r) in (style, CopyStyle())]  # one copy is the same memory in every style
         best = {}
         for r in pts:
             best[r["copies"]] = max(best.get(r["copies"], 0), r["exact_acc"])
-        axes[1].plot(list(best), [100 - v for v in best.values()], "-o", label=f"{name}, {queries} queries")
+        label = f"{name}, {queries} queries" + ("" if style == CopyStyle() else f", {style.kind} {style.strength:g}")
+        axes[1].plot(sorted(best), [100 - best[c] for c in sorted(best)], "-o", label=label)
     axes[1].set_xscale("log")
     axes[1].set_yscale("log")
     axes[1].set_xlabel("copies an image (best rule, exact read)")
@@ -387,10 +393,16 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def kept_from(before: dict, parts: list[str], datasets: list[str], copies: list[int]) -> dict:
+def copy_style(row: dict) -> CopyStyle:
+    """A copies row's kind of copy (rows measured before kinds existed: the default elastic copies)."""
+    return CopyStyle.of(row)
+
+
+def kept_from(before: dict, parts: list[str], datasets: list[str], copies: list[int], style: CopyStyle) -> dict:
     """The rows of an earlier report that this run does not measure again, each with the command that made it."""
     def again(key: str, row: dict) -> bool:
-        return key in parts and row["dataset"] in datasets and (key != "copies" or row["copies"] in copies)
+        return key in parts and row["dataset"] in datasets and (
+            key != "copies" or (row["copies"] in copies and copy_style(row) == style))
 
     return {key: [{"command": before["command"], **r} for r in before.get(key, []) if not again(key, r)]
             for key in ("grown", "copies", "new_classes")}
@@ -402,6 +414,8 @@ def main() -> None:
     parser.add_argument("--datasets", default="mnist,cifar10")
     parser.add_argument("--parts", default="new-classes,grown,copies")
     parser.add_argument("--copies", default=COPIES, help="memories of copies to read, e.g. 1,10,50,167")
+    parser.add_argument("--copy-kind", default="elastic", choices=COPY_KINDS, help="what a copy is")
+    parser.add_argument("--copy-strength", type=float, default=1.0, help="scales the copies' deformation")
     parser.add_argument("--quick", action="store_true", help="one epoch a run: a smoke run")
     parser.add_argument("--out", default="results/memory_value.json")
     parser.add_argument("--work", help="keep the trained runs here and reuse them (default: a temporary folder)")
@@ -409,16 +423,17 @@ def main() -> None:
     parts, report = args.parts.split(","), {"grown": [], "copies": [], "new_classes": []}
     out = Path(args.out)
     copies = [int(c) for c in args.copies.split(",")]
+    style = CopyStyle(args.copy_kind, args.copy_strength)
     if out.is_file():  # a partial re-run replaces only the parts and data sets it measures
         report = kept_from(json.loads(out.read_text()), [p.replace("-", "_") for p in parts],
-                           args.datasets.split(","), copies)
+                           args.datasets.split(","), copies, style)
     report["settings"] = {"epochs": EPOCHS, "small_epochs": SMALL_EPOCHS, "deform_queries": DEFORM_SHARE,
                           "pool": POOL, "head_iters": HEAD_ITERS, "quick": args.quick,
                           "thin_classes": THIN_SHARES, "thin_cells": THIN_CELLS}
     steps = {"new-classes": ("new_classes", lambda name, data, work: new_classes_part(name, data, work, args.quick)),
              "grown": ("grown", lambda name, data, work: grown(name, data, args.data_dir, work, args.quick)),
              "copies": ("copies", lambda name, data, work: copies_part(name, data, args.data_dir, work, args.quick,
-                                                                      copies))}
+                                                                      copies, style))}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         for name in args.datasets.split(","):

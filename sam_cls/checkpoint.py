@@ -51,9 +51,9 @@ class RunLockedError(CheckpointError):
 # Options a resumed run may not change: they define what the checkpoint's tensors and optimizer state mean.
 # freeze_backbone too: its optimiser holds no momentum for a frozen backbone, and unfreezing it mid-run would train
 # a network the run never said it trains.
-STRUCTURAL = ("dataset", "validation", "copies", "encoder", "head", "dim", "synthetic_train", "synthetic_classes",
-              "synthetic_shape", "seed", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
-              "freeze_backbone")
+STRUCTURAL = ("dataset", "validation", "copies", "copy_kind", "copy_strength", "encoder", "head", "dim",
+              "synthetic_train", "synthetic_classes", "synthetic_shape", "seed", "batch_size", "lr", "momentum",
+              "weight_decay", "warmup_epochs", "freeze_backbone")
 
 
 def check_resumable(state: dict, cfg: Config, device_type: str, world_size: int = 1) -> None:

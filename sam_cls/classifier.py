@@ -30,7 +30,7 @@ from torch import nn
 from sam_cls.backbones import check_module
 from sam_cls.checkpoint import CheckpointError, RunDir
 from sam_cls.config import Config, ConfigError, make_config
-from sam_cls.copies import cell_images
+from sam_cls.copies import CopyStyle, cell_images
 from sam_cls.evaluate import CellFacts, classify, encode_all
 from sam_cls.images import ImageLike, background_level, image_files, to_batch
 from sam_cls.index import MemoryIndex, build_index, load_index
@@ -242,7 +242,8 @@ class MemoryClassifier:
                 elif source["kind"] == "dataset":
                     data = data or get_dataset(self.cfg, log or (lambda _: None))
                     # A deformed copy's pixels are regenerated from its seed, exactly as training made them.
-                    out.append(cell_images(data.train_x, torch.tensor([item]), source.get("seed", 0))[0])
+                    out.append(cell_images(data.train_x, torch.tensor([item]), source.get("seed", 0),
+                                           CopyStyle.of(source))[0])
                 else:
                     out.append(None)
             except DatasetError:
@@ -441,7 +442,7 @@ def _digest(*parts) -> str:
 def training_source(cfg: Config) -> dict:
     """The source of a trained memory's cells: the training split (less a validation share) of its data set."""
     return {"kind": "dataset", "name": f"{cfg.dataset} train", "validation": cfg.validation,
-            "copies": cfg.copies, "seed": cfg.seed}
+            "copies": cfg.copies, "seed": cfg.seed, "copy_kind": cfg.copy_kind, "copy_strength": cfg.copy_strength}
 
 
 def load(path: str | Path | RunDir, device: str = "auto", log=None, index: bool = True,

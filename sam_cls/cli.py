@@ -9,7 +9,8 @@ import click
 
 from sam_cls.checkpoint import RunDir
 from sam_cls.cli_options import config_options
-from sam_cls.config import DEVICES, make_config
+from sam_cls.config import COPY_KINDS, DEVICES, make_config
+from sam_cls.copies import CopyStyle
 
 
 def log(message: str) -> None:
@@ -310,18 +311,27 @@ def evaluate(run_dir, device, topk, data_dir, plot, balanced, alpha, class_k, pe
 @index_options
 @click.option("--copies", type=click.IntRange(min=1), help="Grow the memory to C cells per training image first "
               "(deformed copies, encoded by the run's encoder; no training).")
+@click.option("--copy-kind", type=click.Choice(COPY_KINDS), help="With --copies, on a memory without copies yet: "
+              "elastic (digits) or crop-flip (natural images); default: the run's own.")
+@click.option("--copy-strength", type=click.FloatRange(min=0, min_open=True), help="With --copies, on a memory "
+              "without copies yet: scales the copies' deformation (default: the run's own).")
 @click.option("--data-dir", help="Override the run's data folder (for --copies).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def rebuild_index(run_dir, device, copies, data_dir, as_json, **options) -> None:
+def rebuild_index(run_dir, device, copies, copy_kind, copy_strength, data_dir, as_json, **options) -> None:
     """Rebuild a run's index over its memory (any back-end); options not given keep the run's own."""
     from sam_cls.run import expand_memory, rebuild_run_index, run_data
     from sam_cls.setup import index_params
 
     with RunDir(run_dir, log).lock() as run:
         clf = load(run, device, index=False)  # the saved index may be the reason for the rebuild
+        if (copy_kind or copy_strength) and copies is None:
+            raise click.UsageError("--copy-kind and --copy-strength go with --copies")
         if copies is not None:
-            expand_memory(clf, run_data(clf, data_dir, log), copies, log)
+            style = None
+            if copy_kind or copy_strength:
+                style = CopyStyle(copy_kind or clf.cfg.copy_kind, copy_strength or clf.cfg.copy_strength)
+            expand_memory(clf, run_data(clf, data_dir, log), copies, log, style)
         clf.cfg = make_config(None, **{**clf.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})
         report(rebuild_run_index(clf, index_params(clf.cfg, clf.device), log), as_json)
 

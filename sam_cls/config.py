@@ -22,6 +22,7 @@ from sam_cls.index.params import HNSW_M, INDEX_KINDS
 from sam_cls.model import ENCODERS, encoder_names
 
 HEADS = ("memory", "softmax")
+COPY_KINDS = ("elastic", "crop-flip")  # what a deformed copy is (sam_cls/copies.py)
 DEVICES = ("auto", "cpu", "cuda")
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")  # what a boolean option accepts as text
 
@@ -73,9 +74,15 @@ class Config:
                                    "instead of stopping at the first.")
     validation: float = option(0.0, "Hold out this share of train and report accuracy on it instead of test "
                                "(0 = off).", ge=0, lt=1)
-    copies: int = option(1, "Memory cells per training image: copy 0 is the image, copies 1.. are seeded elastic "
-                         "and affine deformations of it, made on the fly (a memory C times the training set).",
+    copies: int = option(1, "Memory cells per training image: copy 0 is the image, copies 1.. are seeded "
+                         "deformations of it (--copy-kind), made on the fly (a memory C times the training set).",
                          ge=1)
+    copy_kind: str = option("elastic", "What a copy (--copies, --deform-queries) is: elastic, an elastic and small "
+                            "affine warp (digits); crop-flip, odd copies mirrored and each shifted up to 4 pixels "
+                            "(the crop and flip natural images train with).", choices=COPY_KINDS)
+    copy_strength: float = option(1.0, "Scales every magnitude of a copy's deformation (elastic: displacement, "
+                                  "rotation, scale and shift; crop-flip: the shift). Milder copies are the ones a "
+                                  "memory gains from (docs/MEMORY.md).", gt=0)
     synthetic_train: int = option(5000, "Train images of --dataset synthetic.", ge=1)
     synthetic_test: int = option(1000, "Test images of --dataset synthetic.", ge=1)
     synthetic_classes: int = option(10, "Classes of --dataset synthetic.", ge=2)
@@ -98,8 +105,8 @@ class Config:
     eta: float = option(0.5, "Memory write momentum: m <- normalise(eta m + (1 - eta) u).", ge=0, lt=1)
     head: str = option("memory", "memory: the kNN read over the memory; softmax: the same encoder with a linear "
                        "softmax head (the parametric baseline).", choices=HEADS)
-    deform_queries: float = option(0.0, "Share of training queries replaced by a fresh seeded elastic + affine "
-                                   "deformation of their image (the deformations --copies stores), so the encoder "
+    deform_queries: float = option(0.0, "Share of training queries replaced by a fresh seeded deformation of their "
+                                   "image (the deformations --copies stores), so the encoder "
                                    "learns the invariance a memory of copies needs.", ge=0, le=1)
     thin_classes: float = option(0.0, "Share of training steps that thin one class's memory to a few cells drawn "
                                  "at random (at most --thin-cells; its other cells hidden from the read), to train "

@@ -1,14 +1,17 @@
 """Deformed copies: C memory cells per training image, as InfiMNIST made 8.1M digits out of MNIST's 60k.
 
 Cell c * N + e of an expanded memory is copy c of training example e: copy 0 is the image itself, copy c >= 1
-an elastic and small affine deformation of it. The pixels are a pure function of (seed, example, copy), made on
-the fly in batches on the images' device and never stored, so re-encoding the memory, evaluating or explaining
-a cell regenerates exactly the pixels training saw, at any batch size.
+a deformation of it, of one of two kinds (`CopyStyle`): an elastic and small affine warp (digits, the default),
+or a mirror and shift (natural images: the crop and flip their training augments with). The pixels are a pure
+function of (seed, example, copy, style), made on the fly in batches on the images' device and never stored, so
+re-encoding the memory, evaluating or explaining a cell regenerates exactly the pixels training saw, at any
+batch size.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from sam_cls.config import COPY_KINDS
+from sam_cls.data import shift_flip
 from sam_cls.evaluate import encode_batch
 
 # ----------------------------------------------------------------------------- hyper-parameters, all here
@@ -29,6 +34,9 @@ ELASTIC_SPACING = 4.0 / 28
 MAX_ROTATION_DEG = 10.0
 MAX_SCALE = 0.1
 MAX_SHIFT = 0.08  # of the image side (2 pixels of 28)
+# Crop-flip copies: odd copies mirrored, every copy shifted by up to this many pixels each way (reflected border),
+# the random crop sam-cls trains natural images with (data.augment's pad).
+CROP_PAD = 4
 
 _MASK32 = 0xFFFFFFFF
 
@@ -64,16 +72,44 @@ def uniform(keys: torch.Tensor, n: int) -> torch.Tensor:
     return ((bits.double() + 0.5) / 2**31 - 1.0).float()
 
 
-def deform(images: torch.Tensor, examples: torch.Tensor, copies: torch.Tensor, seed: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class CopyStyle:
+    """What a copy is: its kind and a strength that scales every magnitude of it (1 = the constants above)."""
+
+    kind: str = "elastic"
+    strength: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in COPY_KINDS:
+            raise ValueError(f"unknown copy kind {self.kind!r}: choose one of {', '.join(COPY_KINDS)}")
+        if not self.strength > 0:
+            raise ValueError(f"copy strength must be > 0, got {self.strength}")
+
+    @classmethod
+    def of(cls, values) -> CopyStyle:
+        """The style a config or a memory source records (one written before styles existed: the default)."""
+        get = values.get if isinstance(values, dict) else lambda key, default: getattr(values, key, default)
+        return cls(get("copy_kind", "elastic"), float(get("copy_strength", 1.0)))
+
+
+ELASTIC = CopyStyle()
+
+
+def deform(images: torch.Tensor, examples: torch.Tensor, copies: torch.Tensor, seed: int,
+           style: CopyStyle = ELASTIC) -> torch.Tensor:
     """Copy `copies[i]` of image `examples[i]` for each uint8 image (B, C, H, W); copy 0 is the image itself."""
     out = images.clone()
     moved = (copies > 0).nonzero().squeeze(1)
     if len(moved) == 0:
         return out
+    keys = copy_keys(seed, examples[moved], copies[moved]).to(images.device)
+    if style.kind == "crop-flip":
+        out[moved] = _crop_flip(images[moved], keys, copies[moved].to(images.device), style.strength)
+        return out
     x = images[moved].float()
     b, _, h, w = x.shape
     knots = 1 + math.ceil(1 / ELASTIC_SPACING)  # per axis, corners included
-    draws = uniform(copy_keys(seed, examples[moved], copies[moved]).to(x.device), 4 + 2 * knots * knots)
+    draws = uniform(keys, 4 + 2 * knots * knots) * style.strength
     # Affine: theta maps output to input coordinates in [-1, 1] units (affine_grid's convention).
     angle = draws[:, 0] * math.radians(MAX_ROTATION_DEG)
     scale = 1.0 + draws[:, 1] * MAX_SCALE
@@ -92,17 +128,26 @@ def deform(images: torch.Tensor, examples: torch.Tensor, copies: torch.Tensor, s
     return out
 
 
-def cell_images(images: torch.Tensor, cells: torch.Tensor, seed: int) -> torch.Tensor:
+def _crop_flip(x: torch.Tensor, keys: torch.Tensor, copies: torch.Tensor, strength: float) -> torch.Tensor:
+    """Odd copies mirrored; each shifted by a seeded (dy, dx) of up to CROP_PAD * strength pixels, border reflected."""
+    _, _, h, w = x.shape
+    pad = min(round(CROP_PAD * strength), h - 1, w - 1)
+    dy, dx = ((uniform(keys, 2) + 1) / 2 * (2 * pad + 1)).floor().long().clamp_(max=2 * pad).sub_(pad).split(1, 1)
+    # Mirror by copy number, not by a draw: two copies an image are the image and its mirror, as a flip needs.
+    return shift_flip(x, dy, dx, (copies % 2 == 1)[:, None])
+
+
+def cell_images(images: torch.Tensor, cells: torch.Tensor, seed: int, style: CopyStyle = ELASTIC) -> torch.Tensor:
     """The pixels of memory cells of an expanded memory over `images` (N originals): source cell % N, copy cell // N."""
     n = len(images)
     cells = cells.to(images.device)
     examples = cells % n
-    return deform(images[examples], examples, cells // n, seed)
+    return deform(images[examples], examples, cells // n, seed, style)
 
 
 @torch.no_grad()
 def encode_cells(encoder: nn.Module, images: torch.Tensor, copies: int, seed: int, batch_size: int,
-                 start: int = 0, desc: str = "memory") -> torch.Tensor:
+                 start: int = 0, desc: str = "memory", style: CopyStyle = ELASTIC) -> torch.Tensor:
     """Embeddings of cells start .. copies * N - 1 of the expanded memory, in eval mode, generated batch by batch."""
     was_training = encoder.training
     encoder.eval()
@@ -114,7 +159,7 @@ def encode_cells(encoder: nn.Module, images: torch.Tensor, copies: int, seed: in
     out = None  # filled in place: a list of chunks and a cat would hold the memory twice at its largest
     for i in tqdm(range(start, total, batch_size), desc=desc, leave=False, unit="batch"):
         cells = torch.arange(i, min(i + batch_size, total), device=images.device)
-        u = encoder(cell_images(images, cells, seed).to(device))
+        u = encoder(cell_images(images, cells, seed, style).to(device))
         if out is None:
             out = u.new_empty(total - start, u.shape[1])
         out[i - start : i - start + len(u)] = u

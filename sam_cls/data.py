@@ -287,7 +287,7 @@ def split_validation(ds: Dataset, fraction: float, seed: int) -> Dataset:
                  ds.classes, ds.natural)
 
 
-def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+def reflect(i: torch.Tensor, n: int) -> torch.Tensor:
     """Map indices in [-(n-1), 2(n-1)] into [0, n) by mirroring at the edges (reflect: edge not repeated)."""
     return (n - 1) - ((n - 1) - i.abs()).abs()
 
@@ -299,18 +299,26 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: boo
     reflections of the border (reflect padding, as airbench does) rather than zeros. The generator must live
     on x's device (torch.Generator(device=x.device)); the same generator state gives the same output.
     """
-    b, c, h, w = x.shape
+    b, _, h, w = x.shape
     if not 0 <= pad < min(h, w):
         raise ValueError(f"pad must be in [0, {min(h, w)}) for {h}x{w} images, got {pad}")
     dev = x.device
     dy = torch.randint(-pad, pad + 1, (b, 1), generator=generator, device=dev)
     dx = torch.randint(-pad, pad + 1, (b, 1), generator=generator, device=dev)
+    mirror = torch.rand(b, 1, generator=generator, device=dev) < 0.5 if flip else None
+    return shift_flip(x, dy, dx, mirror)
+
+
+def shift_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, mirror: torch.Tensor | None) -> torch.Tensor:
+    """Each image of (B, C, H, W) shifted by its (dy, dx) (each (B, 1)), border reflected, and mirrored where
+    `mirror` (B, 1) says: one gather for the whole batch (augment's crops and flips, crop-flip copies)."""
+    b, c, h, w = x.shape
+    dev = x.device
     cols = torch.arange(w, device=dev).expand(b, w)
-    if flip:
-        mirror = torch.rand(b, 1, generator=generator, device=dev) < 0.5
+    if mirror is not None:
         cols = torch.where(mirror, (w - 1) - cols, cols)  # reading columns backwards flips the image
-    rows = _reflect(torch.arange(h, device=dev) + dy, h)  # (b, h) source row of each output row
-    cols = _reflect(cols + dx, w)  # (b, w) source column of each output column
+    rows = reflect(torch.arange(h, device=dev) + dy, h)  # (b, h) source row of each output row
+    cols = reflect(cols + dx, w)  # (b, w) source column of each output column
     bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
     ci = torch.arange(c, device=dev).view(1, c, 1, 1)
     return x[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]

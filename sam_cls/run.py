@@ -8,7 +8,7 @@ import torch
 
 from sam_cls.classifier import MemoryClassifier
 from sam_cls.config import ConfigError
-from sam_cls.copies import encode_cells
+from sam_cls.copies import CopyStyle, encode_cells
 from sam_cls.data import Dataset
 from sam_cls.evaluate import encode_all
 from sam_cls.index import IndexParams, build_index, recall_at_k
@@ -79,13 +79,20 @@ def tune_run(clf: MemoryClassifier, data: Dataset | None = None, log=print) -> d
 
 
 @torch.no_grad()
-def expand_memory(clf: MemoryClassifier, data: Dataset, copies: int, log=print) -> int:
+def expand_memory(clf: MemoryClassifier, data: Dataset, copies: int, log=print,
+                  style: CopyStyle | None = None) -> int:
     """Grow a trained run's memory to `copies` cells per training image with its own encoder (no training).
 
-    The cells it has keep their embeddings; copies it lacks are made and encoded as training would have.
+    The cells it has keep their embeddings; copies it lacks are made and encoded as training would have, in the
+    run's copy style, or in `style` where the memory holds no copies yet (one memory, one kind of copy).
     Returns the number of cells added; the caller rebuilds the index and commits.
     """
     cfg, n = clf.cfg, len(data.train_y)
+    own = CopyStyle.of(cfg)
+    if style is not None and style != own and cfg.copies > 1:
+        raise ConfigError(f"the run's memory holds {cfg.copies} copies an image of kind {own.kind} at strength "
+                          f"{own.strength:g}: grow it with the same --copy-kind and --copy-strength (or none)")
+    style = style or own
     if clf.state.get("edited") not in (None, False, "copies"):
         raise ConfigError("the run's memory was changed by `sam-cls add` or `forget`: --copies grows a memory as "
                           "trained, so expand it before editing (or train a new run with --copies)")
@@ -100,14 +107,15 @@ def expand_memory(clf: MemoryClassifier, data: Dataset, copies: int, log=print) 
     start = time.perf_counter()
     memory = clf.memory
     new = encode_cells(clf.encoder, data.train_x.to(clf.device), copies, cfg.seed, cfg.eval_batch_size,
-                       start=cfg.copies * n)
+                       start=cfg.copies * n, style=style)
     # Cell order again (an IVF build may have laid the rows out by list): cell c * N + e is copy c of image e.
     clf.memory = MemoryBank(torch.cat([memory.embeddings[memory.rows], new.to(memory.embeddings)]),
                             data.train_y.to(memory.labels.device).repeat(copies))
     clf.cell_source = torch.zeros(clf.memory.size, dtype=torch.int32)
     clf.cell_item = torch.arange(clf.memory.size)
-    clf.cfg = replace(cfg, copies=copies)
-    clf.sources = [{**clf.sources[0], "copies": copies, "seed": cfg.seed}]
+    clf.cfg = replace(cfg, copies=copies, copy_kind=style.kind, copy_strength=style.strength)
+    clf.sources = [{**clf.sources[0], "copies": copies, "seed": cfg.seed, "copy_kind": style.kind,
+                    "copy_strength": style.strength}]
     clf.state["data"] = {**clf.state["data"], "train_images": n}
     # Training continues only from the memory it trained: its epochs and schedule assumed the old size.
     clf.state["edited"] = "copies"

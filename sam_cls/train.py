@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from sam_cls.checkpoint import CheckpointError, RunDir, check_resumable, fault_point
 from sam_cls.config import Config, ConfigError, TrainingError, make_config
-from sam_cls.copies import cell_images, deform, encode_cells
+from sam_cls.copies import CopyStyle, cell_images, deform, encode_cells
 from sam_cls.data import Dataset, augment
 from sam_cls.evaluate import encode_all
 from sam_cls.images import background_level
@@ -132,7 +132,7 @@ class Trainer:
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """The pixels of cells idx: training images, or their deformed copies (regenerated, never stored)."""
         cfg = self.cfg
-        x = self.train_x[idx] if cfg.copies == 1 else cell_images(self.train_x, idx, cfg.seed)
+        x = self.train_x[idx] if cfg.copies == 1 else cell_images(self.train_x, idx, cfg.seed, CopyStyle.of(cfg))
         if cfg.deform_queries:
             x = self.deform_queries(idx, x)
         return augment(x, self.aug_gen) if cfg.augment and self.data.natural else x
@@ -146,7 +146,8 @@ class Trainer:
         chosen = torch.rand(len(idx), generator=gen, device=gen.device) < self.cfg.deform_queries
         fresh = torch.randint(1 << 20, 1 << 31, (len(idx),), generator=gen, device=gen.device)
         examples = (idx % n).to(x.device)
-        moved = deform(self.train_x[examples], examples, torch.where(chosen, fresh, 0).to(x.device), self.cfg.seed)
+        moved = deform(self.train_x[examples], examples, torch.where(chosen, fresh, 0).to(x.device), self.cfg.seed,
+                       CopyStyle.of(self.cfg))
         return torch.where(chosen.to(x.device)[:, None, None, None], moved, x)
 
     def diverged(self, value) -> TrainingError:
@@ -269,7 +270,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.copies == 1:
             return encode_all(self.encoder, self.train_x, cfg.eval_batch_size, desc="memory")
-        return encode_cells(self.encoder, self.train_x, cfg.copies, cfg.seed, cfg.eval_batch_size)
+        return encode_cells(self.encoder, self.train_x, cfg.copies, cfg.seed, cfg.eval_batch_size,
+                            style=CopyStyle.of(cfg))
 
     def finished(self) -> bool:
         """Whether the epoch just ended is the run's last (by epochs or by --max-seconds)."""

@@ -9,7 +9,7 @@ from sam_cls import load
 from sam_cls.checkpoint import CheckpointError
 from sam_cls.cli import main
 from sam_cls.config import ConfigError, make_config
-from sam_cls.copies import cell_images, deform
+from sam_cls.copies import CROP_PAD, CopyStyle, cell_images, deform
 from sam_cls.train import Trainer, train
 
 
@@ -43,6 +43,34 @@ def test_a_copy_is_a_pure_function_of_seed_example_and_copy():
     a, b, c = deform(x[e], e, torch.tensor([0, 1, 2]), seed=7)
     assert not torch.equal(a, b) and not torch.equal(b, c)
     assert not torch.equal(deform(x[e[:1]], e[:1], torch.tensor([1]), seed=8)[0], b)
+
+
+def test_a_milder_elastic_copy_moves_the_pixels_less():
+    x = images(n=64)
+    e, one = torch.arange(64), torch.ones(64, dtype=torch.long)
+    moved = {s: (deform(x, e, one, 7, CopyStyle("elastic", s)).float() - x.float()).abs().mean() for s in (0.3, 1)}
+    assert torch.equal(deform(x, e, one, 7, CopyStyle()), deform(x, e, one, 7))  # strength 1: the copies of before
+    assert 0 < moved[0.3] < 0.6 * moved[1]
+
+
+@pytest.mark.parametrize("strength", [0.25, 1.0])
+def test_a_crop_flip_copy_is_its_image_mirrored_on_odd_copies_and_shifted_within_the_pad(strength):
+    x = images(n=8)
+    pad = round(CROP_PAD * strength)
+    e = torch.arange(8).repeat_interleave(4)
+    c = torch.arange(4).repeat(8)
+    out = deform(x[e], e, c, 3, CopyStyle("crop-flip", strength))
+    assert torch.equal(out, cell_images(x, c * 8 + e, 3, CopyStyle("crop-flip", strength)))
+    shifts = set()
+    for img, src, copy in zip(out, x[e], c.tolist(), strict=True):
+        src = src.flip(2) if copy % 2 else src
+        # The shift that maps the (mirrored) image onto the copy, in its interior where no border is reflected.
+        found = [(dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)
+                 if torch.equal(img[:, pad:-pad or None, pad:-pad or None],
+                                src[:, pad + dy : 14 - pad + dy, pad + dx : 14 - pad + dx])]
+        assert copy == 0 and torch.equal(img, src) or found, (copy, strength)
+        shifts.update(found if copy else [])
+    assert len(shifts) > 1  # seeded shifts, not one fixed one
 
 
 def test_the_memory_is_encoded_from_the_pixels_training_reads(tmp_path):
@@ -125,3 +153,33 @@ def test_rebuild_index_grows_a_trained_memory_without_training(tmp_path):
     assert out.exit_code != 0 and "below the run's 4" in out.output
     with pytest.raises(CheckpointError, match="rebuild-index --copies"):
         train(config(tmp_path, copies=4, epochs=2), resume=True, log=quiet)
+
+
+def test_rebuild_index_grows_crop_flip_copies_that_explain_and_train_as_their_kind(tmp_path):
+    result = train(config(tmp_path, copies=1), log=quiet)
+    run = result["run_dir"]
+    out = CliRunner().invoke(main, ["rebuild-index", "--run", run, "--copies", "3", "--copy-kind", "crop-flip",
+                                    "--copy-strength", "0.5", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    clf = load(run, "cpu")
+    assert (clf.cfg.copy_kind, clf.cfg.copy_strength) == ("crop-flip", 0.5)
+    n = clf.memory.size // 3
+    # A copy's image is regenerated as the run made it: the mirror of its image, shifted.
+    image, copy = clf.cell_images([3, n + 3])
+    assert torch.equal(copy, deform(image[None], torch.tensor([3]), torch.tensor([1]), clf.cfg.seed,
+                                    CopyStyle("crop-flip", 0.5))[0])
+    # The same kind again is fine; another kind would mix two kinds of copy in one memory.
+    out = CliRunner().invoke(main, ["rebuild-index", "--run", run, "--copies", "4", "--copy-kind", "elastic",
+                                    "--device", "cpu"])
+    assert out.exit_code != 0 and "grow it with the same --copy-kind" in out.output
+    out = CliRunner().invoke(main, ["rebuild-index", "--run", run, "--copy-strength", "0.3", "--device", "cpu"])
+    assert out.exit_code != 0 and "go with --copies" in out.output
+
+
+def test_training_reads_its_copies_in_the_kind_it_was_given(tmp_path):
+    trainer = Trainer(config(tmp_path, copy_kind="crop-flip"), log=quiet)
+    n = len(trainer.train_y)
+    cells = torch.tensor([1, n + 1, 2 * n + 1])
+    assert torch.equal(trainer.batch(cells), cell_images(trainer.train_x, cells, 0, CopyStyle("crop-flip")))
+    assert torch.equal(trainer.batch(cells)[1], cell_images(trainer.train_x, cells[1:2], 0,
+                                                             CopyStyle("crop-flip"))[0])
