@@ -362,10 +362,10 @@ def plot(report: dict, path: Path) -> None:
         axes[0].plot(x, [r["head_refit"] for r in pts], "--s", label=f"{name} head refit")
     axes[0].set_xlabel("% of train in the memory (encoder trained on 10%)")
     axes[0].set_ylabel("test accuracy (%)")
-    families = {(r["dataset"], r["queries"], copy_style(r)) for r in report.get("copies", [])}
+    families = {(r["dataset"], r["queries"], CopyStyle.of(r)) for r in report.get("copies", [])}
     for (name, queries, style) in sorted(families, key=lambda f: (f[0], f[1], f[2].kind, f[2].strength)):
         pts = [r for r in report["copies"] if r["dataset"] == name and r["queries"] == queries
-               and copy_style(r) in (style, CopyStyle())]  # one copy is the same memory in every style
+               and CopyStyle.of(r) in (style, CopyStyle())]  # one copy is the same memory in every style
         best = {}
         for r in pts:
             best[r["copies"]] = max(best.get(r["copies"], 0), r["exact_acc"])
@@ -393,16 +393,11 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def copy_style(row: dict) -> CopyStyle:
-    """A copies row's kind of copy (rows measured before kinds existed: the default elastic copies)."""
-    return CopyStyle.of(row)
-
-
 def kept_from(before: dict, parts: list[str], datasets: list[str], copies: list[int], style: CopyStyle) -> dict:
     """The rows of an earlier report that this run does not measure again, each with the command that made it."""
     def again(key: str, row: dict) -> bool:
         return key in parts and row["dataset"] in datasets and (
-            key != "copies" or (row["copies"] in copies and copy_style(row) == style))
+            key != "copies" or (row["copies"] in copies and CopyStyle.of(row) == style))
 
     return {key: [{"command": before["command"], **r} for r in before.get(key, []) if not again(key, r)]
             for key in ("grown", "copies", "new_classes")}

@@ -10,7 +10,6 @@ import click
 from sam_cls.checkpoint import RunDir
 from sam_cls.cli_options import config_options
 from sam_cls.config import COPY_KINDS, DEVICES, make_config
-from sam_cls.copies import CopyStyle
 
 
 def log(message: str) -> None:
@@ -328,10 +327,7 @@ def rebuild_index(run_dir, device, copies, copy_kind, copy_strength, data_dir, a
         if (copy_kind or copy_strength) and copies is None:
             raise click.UsageError("--copy-kind and --copy-strength go with --copies")
         if copies is not None:
-            style = None
-            if copy_kind or copy_strength:
-                style = CopyStyle(copy_kind or clf.cfg.copy_kind, copy_strength or clf.cfg.copy_strength)
-            expand_memory(clf, run_data(clf, data_dir, log), copies, log, style)
+            expand_memory(clf, run_data(clf, data_dir, log), copies, log, copy_kind, copy_strength)
         clf.cfg = make_config(None, **{**clf.cfg.to_dict(), **{k: v for k, v in options.items() if v is not None}})
         report(rebuild_run_index(clf, index_params(clf.cfg, clf.device), log), as_json)
 

@@ -79,20 +79,21 @@ def tune_run(clf: MemoryClassifier, data: Dataset | None = None, log=print) -> d
 
 
 @torch.no_grad()
-def expand_memory(clf: MemoryClassifier, data: Dataset, copies: int, log=print,
-                  style: CopyStyle | None = None) -> int:
+def expand_memory(clf: MemoryClassifier, data: Dataset, copies: int, log=print, kind: str | None = None,
+                  strength: float | None = None) -> int:
     """Grow a trained run's memory to `copies` cells per training image with its own encoder (no training).
 
     The cells it has keep their embeddings; copies it lacks are made and encoded as training would have, in the
-    run's copy style, or in `style` where the memory holds no copies yet (one memory, one kind of copy).
+    run's copy style, or with the kind and strength given where the memory holds no copies yet (one memory, one
+    kind of copy; what is not given stays the run's).
     Returns the number of cells added; the caller rebuilds the index and commits.
     """
     cfg, n = clf.cfg, len(data.train_y)
     own = CopyStyle.of(cfg)
-    if style is not None and style != own and cfg.copies > 1:
+    style = CopyStyle(kind or own.kind, strength or own.strength)
+    if style != own and cfg.copies > 1:
         raise ConfigError(f"the run's memory holds {cfg.copies} copies an image of kind {own.kind} at strength "
                           f"{own.strength:g}: grow it with the same --copy-kind and --copy-strength (or none)")
-    style = style or own
     if clf.state.get("edited") not in (None, False, "copies"):
         raise ConfigError("the run's memory was changed by `sam-cls add` or `forget`: --copies grows a memory as "
                           "trained, so expand it before editing (or train a new run with --copies)")

@@ -46,6 +46,7 @@ class Trainer:
         # Data lives on the training device and is augmented there in batches (no per-image Python work).
         self.train_x, self.train_y = self.data.train_x.to(self.device), self.data.train_y.to(self.device)
         self.cell_y = self.train_y.repeat(cfg.copies)  # every cell's label; batches draw cells, not images
+        self.copy_style = CopyStyle.of(cfg)  # what its copies and deformed queries are
         self.encoder = make_encoder(cfg, self.data, module).to(self.device)
         self.opt = torch.optim.SGD(self.encoder.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                    weight_decay=cfg.weight_decay)
@@ -132,7 +133,7 @@ class Trainer:
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """The pixels of cells idx: training images, or their deformed copies (regenerated, never stored)."""
         cfg = self.cfg
-        x = self.train_x[idx] if cfg.copies == 1 else cell_images(self.train_x, idx, cfg.seed, CopyStyle.of(cfg))
+        x = self.train_x[idx] if cfg.copies == 1 else cell_images(self.train_x, idx, cfg.seed, self.copy_style)
         if cfg.deform_queries:
             x = self.deform_queries(idx, x)
         return augment(x, self.aug_gen) if cfg.augment and self.data.natural else x
@@ -147,7 +148,7 @@ class Trainer:
         fresh = torch.randint(1 << 20, 1 << 31, (len(idx),), generator=gen, device=gen.device)
         examples = (idx % n).to(x.device)
         moved = deform(self.train_x[examples], examples, torch.where(chosen, fresh, 0).to(x.device), self.cfg.seed,
-                       CopyStyle.of(self.cfg))
+                       self.copy_style)
         return torch.where(chosen.to(x.device)[:, None, None, None], moved, x)
 
     def diverged(self, value) -> TrainingError:
@@ -271,7 +272,7 @@ class Trainer:
         if cfg.copies == 1:
             return encode_all(self.encoder, self.train_x, cfg.eval_batch_size, desc="memory")
         return encode_cells(self.encoder, self.train_x, cfg.copies, cfg.seed, cfg.eval_batch_size,
-                            style=CopyStyle.of(cfg))
+                            style=self.copy_style)
 
     def finished(self) -> bool:
         """Whether the epoch just ended is the run's last (by epochs or by --max-seconds)."""

@@ -244,9 +244,8 @@ class FaissIndex(MemoryIndex):
 
     def search_deep(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """An IVF kind probes nprobe x ceil(k / K) lists for k beyond the K its depth was calibrated for: the
-        k-th nearest cell lies farther out than the K-th, in lists the calibrated depth does not reach (a
-        per-source read of 50 copies an image read 0.30 point below the exact read at the calibrated depth
-        and as the exact read at 4x; docs/MEMORY.md)."""
+        k-th nearest cell lies farther out than the K-th, in lists the calibrated depth does not reach (the
+        per-source rows of results/memory_value.json; docs/MEMORY.md)."""
         if self.kind not in IVF_KINDS or not self.k or k <= self.k:
             return self.search(queries, k)
         self._place()  # first: a GPU copy takes the index's own depth, not this call's
